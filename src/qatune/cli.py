@@ -1,0 +1,124 @@
+"""The `qatune` command: parses arguments, loads the config, calls a stage, prints. Nothing more.
+
+Heavy libraries (torch, transformers, datasets) are imported by the stages, so `qatune --help`
+and config errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from qatune import __version__
+from qatune.errors import QatuneError
+
+OVERRIDES_HELP = "section.key=value overrides, e.g. data.max_length=512 model=path/to/model"
+
+
+def _split_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
+    """`[CONFIG] [key=value ...]`: the config file is the first argument without '='."""
+    if args and "=" not in args[0]:
+        return args[0], list(args[1:])
+    return None, list(args)
+
+
+def _load(args: Sequence[str]):
+    from qatune.config import load_config
+
+    path, overrides = _split_args(args)
+    return load_config(path, overrides)
+
+
+def cmd_config_show(ns: argparse.Namespace) -> int:
+    print(_load(ns.args).to_yaml(), end="")
+    return 0
+
+
+def cmd_config_docs(ns: argparse.Namespace) -> int:
+    from qatune.config import config_reference
+
+    print(config_reference(), end="")
+    return 0
+
+
+def cmd_data_prepare(ns: argparse.Namespace) -> int:
+    import datasets
+    from rich.console import Console
+
+    from qatune.data.prepare import prepare
+    from qatune.data.report import print_summary
+
+    config = _load(ns.args)
+    datasets.disable_progress_bars()  # the summary below says what was written
+    console = Console()
+    result = prepare(config)
+    print_summary(result.report, console)
+    console.print(f"Wrote {result.output_dir}/ ({', '.join(result.report['files'])})")
+    return 0
+
+
+def cmd_data_check(ns: argparse.Namespace) -> int:
+    from qatune.config import DataConfig, SourceConfig
+    from qatune.data.prepare import check
+
+    source = SourceConfig(path=ns.file, format=ns.format, dataset=ns.dataset)
+    data = DataConfig(encoding=ns.encoding)
+    result = check([source], data)
+    for drop in result.log.drops:
+        print(f"{drop.location}: {drop.reason}: {drop.detail}")
+    formats = "; ".join(f"{name}: {', '.join(f) or '?'}" for name, f in result.formats.items())
+    by_reason = ", ".join(f"{n} {r}" for r, n in result.log.by_reason().items()) or "no problem"
+    print(f"{result.records} records ({formats}): {result.kept} usable; {by_reason}.")
+    return 1 if result.errors else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qatune",
+        description="Turn an open LLaMA-family model and your Q&A data into a domain assistant.",
+    )
+    parser.add_argument("--version", action="version", version=f"qatune {__version__}")
+    stages = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = stages.add_parser("config", help="show the resolved config or its reference")
+    config_cmds = config.add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = config_cmds.add_parser("show", help="print the resolved config: FILE plus overrides")
+    show.add_argument("args", nargs="*", metavar="[FILE] [KEY=VALUE]", help=OVERRIDES_HELP)
+    show.set_defaults(run=cmd_config_show)
+    docs = config_cmds.add_parser("docs", help="print the config reference (Markdown) generated from the schema")
+    docs.set_defaults(run=cmd_config_docs)
+
+    data = stages.add_parser("data", help="prepare or check training data")
+    data_cmds = data.add_subparsers(dest="action", required=True, metavar="ACTION")
+    prep = data_cmds.add_parser(
+        "prepare", help="read, clean, split, tokenize and write the dataset with its report",
+        description="Writes data.output_dir/: dataset/ (Arrow), data_report.json, dropped.jsonl, "
+        "token_lengths.png, chat_template.jinja, config.yaml.",
+    )
+    prep.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE]", help=OVERRIDES_HELP)
+    prep.set_defaults(run=cmd_data_prepare)
+    chk = data_cmds.add_parser("check", help="validate a data file or folder without writing; list every problem")
+    chk.add_argument("file", help="data file, folder, or LLaMA-Factory dataset_info.json (with --dataset)")
+    chk.add_argument("--format", default="auto",
+                     choices=["auto", "alpaca", "qa", "input_target", "sharegpt", "messages", "text"])
+    chk.add_argument("--dataset", default=None, help="names in a LLaMA-Factory registry, comma-separated")
+    chk.add_argument("--encoding", default="utf-8", help="text encoding, e.g. gb18030")
+    chk.set_defaults(run=cmd_data_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.run(ns)
+    except QatuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The data stage: files in any common Q&A format -> cleaned, tokenized, reported training samples."""

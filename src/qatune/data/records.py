@@ -1,0 +1,81 @@
+"""The one record type every format becomes, and the ledger of dropped records."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from qatune.errors import Location
+
+# Roles of a chat turn. `text` marks a plain document for continued pre-training (no template).
+ROLES = ("system", "user", "assistant", "tool", "text")
+PROMPT_ROLES = ("system", "user", "tool")
+
+
+@dataclass(slots=True)
+class Conversation:
+    """One training example: a list of {role, content} turns, where it came from, optional tools."""
+
+    messages: list[dict[str, str]]
+    source: str
+    location: Location
+    tools: list | None = None
+
+    @property
+    def is_text(self) -> bool:
+        return self.messages[0]["role"] == "text"
+
+    def text_of(self, *roles: str) -> str:
+        return "\n".join(m["content"] for m in self.messages if m["role"] in roles)
+
+    @property
+    def question(self) -> str:
+        """The user side, used for leakage checks and evaluation (the document itself for text)."""
+        return self.text_of("user", "text")
+
+    @property
+    def answer(self) -> str:
+        return self.text_of("assistant")
+
+
+# Why a record was dropped. Every drop is counted under one of these and written to dropped.jsonl.
+MALFORMED = "malformed"
+EMPTY = "empty"
+TOO_SHORT = "too_short"
+DUPLICATE = "duplicate"
+NEAR_DUPLICATE = "near_duplicate"
+EVAL_LEAKAGE = "eval_leakage"
+TOO_LONG = "too_long"
+DROP_REASONS = (MALFORMED, EMPTY, TOO_SHORT, DUPLICATE, NEAR_DUPLICATE, EVAL_LEAKAGE, TOO_LONG)
+
+
+@dataclass(slots=True)
+class Drop:
+    reason: str
+    source: str
+    location: str
+    detail: str = ""
+
+
+@dataclass
+class DropLog:
+    """Every dropped record with its reason, source and location: nothing disappears silently."""
+
+    drops: list[Drop] = field(default_factory=list)
+
+    def add(self, reason: str, source: str, location: Location | str, detail: str = "") -> None:
+        assert reason in DROP_REASONS, reason
+        self.drops.append(Drop(reason, source, str(location), detail))
+
+    def by_reason(self) -> dict[str, int]:
+        counts = Counter(d.reason for d in self.drops)
+        return {r: counts[r] for r in DROP_REASONS if counts[r]}
+
+    def by_source(self) -> dict[str, dict[str, int]]:
+        out: dict[str, Counter] = {}
+        for d in self.drops:
+            out.setdefault(d.source, Counter())[d.reason] += 1
+        return {s: dict(c) for s, c in out.items()}
+
+    def __len__(self) -> int:
+        return len(self.drops)
