@@ -331,26 +331,41 @@ def _apply_override(raw: dict[str, Any], item: str) -> str | None:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
+    if value is not None and not isinstance(value, str) and _is_text_field(tuple(parts)):
+        value = text  # `data.task_tag=[QA]` means the text "[QA]", not a YAML list
     target: Any = raw
     for depth, part in enumerate(parts[:-1]):
+        here = tuple(parts[:depth + 1])
         if isinstance(target, list):
             if not isinstance(part, int) or part >= len(target):
                 return f"override '{item}': no item {part} in {'.'.join(map(str, parts[:depth]))}"
-            target = target[part]
-            continue
-        nxt = target.get(part)
-        if nxt is None:
-            nxt = target[part] = {}
-        elif isinstance(nxt, str) and parts[:depth + 1] == ["model"]:
-            nxt = target[part] = {"name_or_path": nxt}  # `model: default` shorthand, then model.x=...
+        elif target.get(part) is None:
+            target[part] = {}
+        nxt = target[part]
+        if isinstance(nxt, str) and _shorthand_key(here):
+            nxt = target[part] = {_shorthand_key(here): nxt}  # `model: default`, then model.dtype=...
         if not isinstance(nxt, (dict, list)):
-            return f"override '{item}': {'.'.join(map(str, parts[:depth + 1]))} is {nxt!r}, not a section"
+            return f"override '{item}': {'.'.join(map(str, here))} is {nxt!r}, not a section"
         target = nxt
     if isinstance(target, list):
         if not isinstance(parts[-1], int) or parts[-1] >= len(target):
             return f"override '{item}': no item {parts[-1]} in the list"
     target[parts[-1]] = value
     return None
+
+
+def _shorthand_key(loc: tuple) -> str | None:
+    """The key a plain string stands for: `model: x` is model.name_or_path, a source string its path."""
+    if loc == ("model",):
+        return "name_or_path"
+    if len(loc) == 3 and loc[0] == "data" and loc[1].endswith("sources") and isinstance(loc[2], int):
+        return "path"
+    return None
+
+
+def _is_text_field(loc: tuple) -> bool:
+    info = _field_at(loc)
+    return info is not None and type_name(info.annotation) in ("string", "string or null")
 
 
 def _describe(err: dict[str, Any], lines: dict[tuple, int]) -> str:

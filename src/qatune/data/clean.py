@@ -93,7 +93,7 @@ def drop_exact_duplicates(convs: Iterable[Conversation], log: DropLog, seen: dic
 
 
 class NearDuplicateIndex:
-    """MinHash LSH over character n-grams of lower-cased, space-collapsed text."""
+    """MinHash LSH over character n-grams of NFKC-folded, lower-cased, space-collapsed text."""
 
     def __init__(self, cfg: CleanConfig):
         from datasketch import MinHash, MinHashLSH
@@ -107,7 +107,8 @@ class NearDuplicateIndex:
     def signature(self, text: str):
         from datasketch import MinHash
 
-        text = _SPACES.sub(" ", text.lower()).strip()
+        # NFKC here only (not in the stored text): "？" and "?" are the same for duplicate detection.
+        text = _SPACES.sub(" ", unicodedata.normalize("NFKC", text).lower()).strip()
         n = self._cfg.ngram
         shingles = {text[i:i + n].encode() for i in range(max(1, len(text) - n + 1))}
         # crc32 instead of datasketch's default sha1: ~2x faster, and as deterministic.

@@ -1,0 +1,113 @@
+"""The whole data stage on the demo set: files written, every record accounted for, CLI in front."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qatune.cli import main
+from qatune.config import load_config
+from qatune.data.prepare import prepare
+from qatune.errors import ModelLoadError
+from tests.conftest import REPO, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, tokenizer):
+    out = tmp_path_factory.mktemp("demo")
+    cfg = load_config(REPO / "examples" / "demo.yaml", [f"data.output_dir={out}"])
+    for source in cfg.data.sources + cfg.data.eval_sources:
+        source.path = str(REPO / source.path)
+    return prepare(cfg), out
+
+
+def test_prepare_writes_dataset_report_drops_histogram(demo) -> None:
+    from datasets import load_from_disk
+
+    result, out = demo
+    for name in ("data_report.json", "dropped.jsonl", "token_lengths.png", "chat_template.jinja", "config.yaml"):
+        assert (out / name).is_file(), name
+    assert (out / "token_lengths.png").read_bytes()[:4] == b"\x89PNG"
+    saved = load_from_disk(str(out / "dataset"))
+    assert set(saved) == {"train", "validation"}
+    assert saved["train"].num_rows == result.train.num_rows > 200
+    assert saved["validation"].num_rows == 30  # the explicit eval file, kept whole
+    row = saved["train"][0]
+    assert len(row["input_ids"]) == len(row["labels"]) == row["length"] <= 512
+    assert any(label != -100 for label in row["labels"])
+
+
+def test_every_record_is_accounted_for(demo) -> None:
+    result, out = demo
+    report = json.loads((out / "data_report.json").read_text(encoding="utf-8"))
+    assert report == result.report
+    for source in report["sources"]:
+        kept = sum(source["kept"].values())
+        assert source["read"] == kept + sum(source["dropped"].values()), source["name"]
+    drops = [json.loads(line) for line in (out / "dropped.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(drops) == sum(report["drops"].values())
+    assert all(d["location"] and d["reason"] and d["detail"] for d in drops)
+    assert report["splits"]["train"]["length"]["p50"] > 0
+    assert report["template"]["end_of_turn"] == "<|im_end|>"
+
+
+def test_leakage_split_mix_and_tag_through_prepare(tmp_path: Path, tokenizer, shared_data: Path) -> None:
+    domain_file = REPO / "examples" / "data" / "demo_qa.jsonl"
+    fifth = json.loads(domain_file.read_text(encoding="utf-8").splitlines()[4])
+    write_jsonl(tmp_path / "eval.jsonl", [{"question": fifth["question"] + " ", "answer": "A different reference answer."}])
+    overrides = [f"data.sources=[{domain_file}]", f"data.eval_sources=[{REPO}/examples/data/demo_eval.jsonl, {tmp_path}/eval.jsonl]",
+                 f"data.general_sources=[{shared_data}/llamafactory_demo/alpaca_en_demo.json]",
+                 "data.mix_ratio=7:3", "data.task_tag=[QA]", f"data.output_dir={tmp_path}/out"]
+    result = prepare(load_config(None, overrides), write=False)
+    report = result.report
+    assert report["drops"].get("eval_leakage") == 1
+    assert report["drop_examples"]["eval_leakage"][0]["location"].endswith("demo_qa.jsonl, line 5")
+    n_domain = sum(s["kept"].get("train", 0) for s in report["sources"] if s["role"] == "domain")
+    n_general = report["mix"]["general_used"]
+    assert n_general == round(n_domain * 3 / 7) and report["mix"]["general_available"] > n_general
+    assert result.train["source"].count("llamafactory_demo/alpaca_en_demo") == n_general
+    users = [next(m["content"] for m in msgs if m["role"] == "user") for msgs, source
+             in zip(result.train["messages"], result.train["source"])]
+    tagged = [u.startswith("[QA] ") for u in users]
+    assert sum(tagged) == n_domain  # the tag marks domain questions only, never general data
+    assert result.validation.num_rows == 31
+
+
+def test_split_is_seeded_and_reproducible(tmp_path: Path, tokenizer) -> None:
+    write_jsonl(tmp_path / "d.jsonl", [{"question": f"问题{i}：年假怎么申请第{i}次？", "answer": f"在系统里提交第{i}号申请表。"}
+                                       for i in range(50)])
+    base = [f"data.sources=[{tmp_path}/d.jsonl]", "data.val_size=0.2", "data.clean.near_dedup=false"]
+    first = prepare(load_config(None, base), write=False).validation["location"]
+    again = prepare(load_config(None, base), write=False).validation["location"]
+    other = prepare(load_config(None, base + ["data.seed=1"]), write=False).validation["location"]
+    assert first == again and len(first) == 10 and first != other
+
+
+def test_wrong_model_fails_before_reading_data(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="not found"):
+        prepare(load_config(None, ["model=./no/such/model", "data.sources=[missing.jsonl]"]), write=False)
+
+
+def test_cli_data_check_lists_problems_and_sets_exit_code(tmp_path: Path, capsys) -> None:
+    good = write_jsonl(tmp_path / "good.jsonl", [{"question": "年假有几天？", "answer": "每年十五个工作日。"}])
+    assert main(["data", "check", str(good)]) == 0
+    assert "/good: qa): 1 usable; no problem." in capsys.readouterr().out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "年假有几天？", "answer": "每年十五个工作日。"}\n{oops\n{"question": "病假？", "answer": ""}\n',
+                   encoding="utf-8")
+    assert main(["data", "check", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert f"{bad}, line 2: malformed: malformed JSON" in out
+    assert f"{bad}, line 3: empty: turn 2 (assistant) is empty" in out
+    assert "3 records" in out and "1 malformed, 1 empty" in out
+
+
+def test_cli_data_prepare_prints_summary(tmp_path: Path, capsys, tokenizer) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", [{"question": "孩子发烧怎么办？", "answer": "多喝水，注意观察精神状态。"},
+                                              {"question": "How do I reset my password?", "answer": "Use the self-service portal."}])
+    assert main(["data", "prepare", f"data.sources=[{data}]", f"data.output_dir={tmp_path}/out"]) == 0
+    out = capsys.readouterr().out
+    assert "Records per source" in out and "Tokens per sample" in out and "<|im_end|>" in out
+    assert (tmp_path / "out" / "data_report.json").is_file()
