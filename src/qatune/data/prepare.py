@@ -299,7 +299,7 @@ def _write(prepared: PreparedData, config: QatuneConfig, template_source: str, l
                                 "detail": drop.detail}, ensure_ascii=False) + "\n")
     save_histogram({name: [r["length"] for r in rows] for name, rows in splits.items()},
                    config.data.max_length, out / HISTOGRAM_FILE)
-    prepared.report["files"] = sorted(p.name for p in out.iterdir())
+    prepared.report["files"] = sorted({p.name for p in out.iterdir()} | {REPORT_FILE})
     (out / REPORT_FILE).write_text(json.dumps(prepared.report, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
