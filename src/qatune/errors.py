@@ -16,7 +16,7 @@ class Location:
     file: str | None = None
     line: int | None = None
     field: str | None = None
-    line_kind: str = "line"  # "line" for JSON/JSONL, "row" for CSV/Parquet, "record" for JSON arrays
+    line_kind: str = "line"  # "line" in text files (JSON, JSONL, CSV), "row" in Parquet
 
     def __str__(self) -> str:
         parts = []

@@ -10,7 +10,7 @@ import pytest
 from qatune.cli import main
 from qatune.config import load_config
 from qatune.data.prepare import prepare
-from qatune.errors import ModelLoadError
+from qatune.errors import DataError, ModelLoadError
 from tests.conftest import REPO, write_jsonl
 
 
@@ -111,3 +111,25 @@ def test_cli_data_prepare_prints_summary(tmp_path: Path, capsys, tokenizer) -> N
     out = capsys.readouterr().out
     assert "Records per source" in out and "Tokens per sample" in out and "<|im_end|>" in out
     assert (tmp_path / "out" / "data_report.json").is_file()
+
+
+def test_too_long_and_control_token_records_are_counted_not_lost(tmp_path: Path, tokenizer) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", [
+        {"question": "请总结以下病历：" + "患者主诉头痛三天。" * 80, "answer": "头痛三天，建议就诊。"},
+        {"question": "How do I book a meeting room?", "answer": "Use the Rooms tab in the intranet calendar."},
+        {"question": "Copied from a chat log", "answer": "Sure.<|im_end|>\n<|im_start|>user\nthanks"},
+    ])
+    result = prepare(load_config(None, [f"data.sources=[{data}]", "data.max_length=64", "data.val_size=0"]), write=False)
+    assert result.report["drops"] == {"control_token": 1, "too_long": 1}
+    assert result.report["drop_examples"]["too_long"][0]["location"].endswith("d.jsonl, line 1")
+    control = result.report["drop_examples"]["control_token"][0]
+    assert control["location"].endswith("line 3") and "'<|im_end|>'" in control["detail"]
+    assert result.train.num_rows == 1 and result.validation is None
+
+
+def test_nothing_left_is_an_error_that_points_at_the_drops(tmp_path: Path, tokenizer) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}, {"question": "", "answer": "fine answer"}])
+    with pytest.raises(DataError, match=r"no training sample left: 2 records read, dropped: 1 empty, 1 too_short; "
+                                        r"every drop is listed in .*dropped.jsonl"):
+        prepare(load_config(None, [f"data.sources=[{data}]", f"data.output_dir={tmp_path}/out"]))
+    assert len((tmp_path / "out" / "dropped.jsonl").read_text().splitlines()) == 2

@@ -94,8 +94,12 @@ def test_non_utf8_file_names_line_and_encoding_fix(tmp_path: Path) -> None:
     assert [r.data for r in read_records(path, encoding="gb18030")] == [QA[1], QA[0]]
     csv_path = tmp_path / "gb.csv"
     csv_path.write_bytes("question,answer\n头疼怎么办？,多休息。\n".encode("gb18030"))
-    with pytest.raises(EncodingError, match="not valid utf-8"):
+    with pytest.raises(EncodingError, match=r"gb.csv, line 2: not valid utf-8"):
         list(read_records(csv_path))
+    json_path = tmp_path / "gb.json"
+    json_path.write_bytes(("[\n" + json.dumps(QA[1]) + ",\n" + json.dumps(QA[0], ensure_ascii=False) + "\n]").encode("gb18030"))
+    with pytest.raises(EncodingError, match=r"gb.json, line 3: not valid utf-8"):
+        list(read_records(json_path))
 
 
 def test_csv_row_with_wrong_field_count(tmp_path: Path) -> None:

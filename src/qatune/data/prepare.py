@@ -19,7 +19,7 @@ from qatune.config import DataConfig, QatuneConfig, SourceConfig
 from qatune.data import clean
 from qatune.data.formats import check_columns, detect_format, to_conversation
 from qatune.data.readers import RawRecord, data_files, read_records
-from qatune.data.records import MALFORMED, TOO_LONG, Conversation, DropLog
+from qatune.data.records import CONTROL_TOKEN, MALFORMED, TOO_LONG, Conversation, DropLog
 from qatune.data.registry import resolve_registry
 from qatune.errors import DataError, Location
 
@@ -250,15 +250,28 @@ def prepare(config: QatuneConfig, write: bool = True) -> PreparedData:
                             _to_dataset(validation_rows) if validation_rows else None, report)
     if write:
         _write(prepared, config, template.source, loaded.log, splits)
+    if not splits["train"]:
+        where = f"; every drop is listed in {prepared.output_dir / DROPS_FILE}" if write else ""
+        drops = ", ".join(f"{n} {reason}" for reason, n in loaded.log.by_reason().items()) or "none"
+        raise DataError(f"no training sample left: {report['records_read']} records read, dropped: {drops}{where}",
+                        hint="look at the drop reasons above; loosen data.clean thresholds or fix the data")
     return prepared
 
 
 def _tokenized(convs: list[Conversation], tokenizer: Any, template: Any, data: DataConfig,
                log: DropLog) -> list[dict[str, Any]]:
-    from qatune.data.templates import tokenize
+    from qatune.data.templates import control_token_in, control_tokens, tokenize
 
+    pattern = control_tokens(tokenizer)
+    usable = []
+    for conv in convs:
+        problem = control_token_in(conv, pattern)
+        if problem:
+            log.add(CONTROL_TOKEN, conv.source, conv.location, problem)
+        else:
+            usable.append(conv)
     rows = []
-    for conv, samples in tokenize(convs, tokenizer, template, data.max_length, data.train_on_prompt):
+    for conv, samples in tokenize(usable, tokenizer, template, data.max_length, data.train_on_prompt):
         if not samples:
             log.add(TOO_LONG, conv.source, conv.location,
                     f"prompt leaves less than a quarter of max_length={data.max_length} for the answer")

@@ -83,13 +83,24 @@ def _text_encoding(encoding: str) -> str:
     return "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
 
 
-def _encoding_error(path: Path, line: int, exc: UnicodeDecodeError, encoding: str, kind: str = "line") -> EncodingError:
+def _encoding_error(path: Path, line: int, exc: UnicodeDecodeError, encoding: str) -> EncodingError:
     return EncodingError(
-        f"not valid {encoding} text (byte {exc.object[exc.start:exc.start + 1]!r} at column {exc.start + 1})",
-        Location(str(path), line, line_kind=kind),
+        f"not valid {encoding} text (byte {exc.object[exc.start:exc.start + 1]!r} at byte {exc.start + 1} of the line)",
+        Location(str(path), line),
         hint="set data.encoding to the file's encoding (e.g. gb18030 for many Chinese files), "
         "or convert it: iconv -f GB18030 -t UTF-8 in > out",
     )
+
+
+def _first_undecodable_line(path: Path, encoding: str) -> EncodingError:
+    """Chunked decoders only know a byte offset: find the exact line again, reading line by line."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                raw.decode(encoding)
+            except UnicodeDecodeError as exc:
+                return _encoding_error(path, number, exc, encoding)
+    return EncodingError(f"not valid {encoding} text", Location(str(path)))
 
 
 def _read_jsonl(path: Path, encoding: str) -> Iterator[RawRecord]:
@@ -137,7 +148,7 @@ def _read_json(path: Path, encoding: str) -> Iterator[RawRecord]:
             try:
                 text = text_decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as exc:
-                raise _encoding_error(path, line + buf.count("\n", counted), exc, encoding) from None
+                raise _first_undecodable_line(path, encoding) from None
             eof = not chunk
             line += buf.count("\n", counted, pos)
             buf, counted, pos = buf[pos:] + text, 0, 0
@@ -224,7 +235,7 @@ def _read_csv(path: Path, encoding: str) -> Iterator[RawRecord]:
                     continue
                 yield RawRecord(loc, data=dict(zip(header, row)))
         except UnicodeDecodeError as exc:
-            raise _encoding_error(path, reader.line_num + 1, exc, encoding) from None
+            raise _first_undecodable_line(path, encoding) from None
         except csv.Error as exc:
             raise DataFormatError(f"malformed CSV: {exc}", Location(str(path), reader.line_num)) from None
 

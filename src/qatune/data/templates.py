@@ -11,6 +11,7 @@ what makes a fine-tuned model stop instead of running on.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -154,6 +155,25 @@ def pieces(conv: Conversation, tokenizer: "PreTrainedTokenizerBase", template: C
     if cursor < len(full):
         out.append((full[cursor:], False))
     return [(text, is_assistant) for text, is_assistant in out if text]
+
+
+def control_tokens(tokenizer: "PreTrainedTokenizerBase") -> "re.Pattern[str]":
+    """A pattern matching the tokenizer's control tokens (`<|im_end|>`, `<|endoftext|>`...)."""
+    tokens = sorted(set(tokenizer.all_special_tokens) | set(tokenizer.added_tokens_encoder), key=len, reverse=True)
+    return re.compile("|".join(re.escape(t) for t in tokens if t) or "(?!)")
+
+
+def control_token_in(conv: Conversation, pattern: "re.Pattern[str]") -> str | None:
+    """Why a record's text would be read as template markup, or None.
+
+    A control token inside a message would be tokenized as the real token and fake a turn boundary
+    (a scraped chat log with `<|im_end|>` left in it), so such a record is dropped and reported.
+    """
+    for i, message in enumerate(conv.messages):
+        found = pattern.search(message["content"])
+        if found:
+            return f"turn {i + 1} ({message['role']}) contains {found.group()!r}, a control token of the tokenizer"
+    return None
 
 
 def encode_pieces(tokenizer: "PreTrainedTokenizerBase", texts: list[str]) -> list[list[int]]:
