@@ -151,12 +151,15 @@ def load(data: DataConfig, log: DropLog | None = None) -> LoadedData:
         by_role["general"] = clean.drop_exact_duplicates(by_role["general"], log, seen)
         by_role["eval"] = clean.drop_exact_duplicates(by_role["eval"], log)
     if data.clean.near_dedup:
-        n_domain = len(by_role["domain"])
         kept = clean.drop_near_duplicates(by_role["domain"] + by_role["general"], data.clean, log)
-        domain_ids = {id(c) for c in by_role["domain"][:n_domain]}
-        by_role["domain"] = [c for c in kept if id(c) in domain_ids]
-        by_role["general"] = [c for c in kept if id(c) not in domain_ids]
+        by_role["domain"], by_role["general"] = _partition(kept, by_role["domain"])
     return LoadedData(by_role["domain"], by_role["general"], by_role["eval"], log, stats)
+
+
+def _partition(kept: list[Conversation], group: list[Conversation]) -> tuple[list[Conversation], list[Conversation]]:
+    """Split what a filter kept of `group + others` back into (group, others), order preserved."""
+    ids = {id(c) for c in group}
+    return [c for c in kept if id(c) in ids], [c for c in kept if id(c) not in ids]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,13 +228,10 @@ def prepare(config: QatuneConfig, write: bool = True) -> PreparedData:
 
     loaded = load(data)
     train, validation = split(loaded.domain, loaded.evaluation, data, rng)
-    domain_ids = {id(c) for c in train}
+    general = loaded.general
     if data.clean.leakage:
-        candidates = clean.drop_eval_leakage(train + loaded.general, validation, data.clean, loaded.log)
-        train = [c for c in candidates if id(c) in domain_ids]
-        general = [c for c in candidates if id(c) not in domain_ids]
-    else:
-        general = loaded.general
+        kept = clean.drop_eval_leakage(train + general, validation, data.clean, loaded.log)
+        train, general = _partition(kept, train)
     decorate(train + validation, data, tag=True)
     decorate(general, data, tag=False)
     train, mix_info = mix(train, general, data, rng)
