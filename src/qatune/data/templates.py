@@ -119,8 +119,8 @@ def _probe_end_of_turn(tokenizer: "PreTrainedTokenizerBase", source: str, label:
     after = text[text.index(probe) + len(probe):] if probe in text else None
     if after is not None:
         stripped = after.lstrip(" ")
-        for token in sorted(tokenizer.all_special_tokens + list(tokenizer.added_tokens_encoder), key=len, reverse=True):
-            if token and stripped.startswith(token):
+        for token in _control_tokens(tokenizer):
+            if stripped.startswith(token):
                 return after[: len(after) - len(stripped)] + token
     raise TemplateError(
         f"the {label} chat template does not end an assistant turn with an end-of-turn token "
@@ -157,10 +157,15 @@ def pieces(conv: Conversation, tokenizer: "PreTrainedTokenizerBase", template: C
     return [(text, is_assistant) for text, is_assistant in out if text]
 
 
+def _control_tokens(tokenizer: "PreTrainedTokenizerBase") -> list[str]:
+    """The tokenizer's special and added tokens (`<|im_end|>`, `<|endoftext|>`...), longest first."""
+    tokens = set(tokenizer.all_special_tokens) | set(tokenizer.added_tokens_encoder)
+    return sorted((t for t in tokens if t), key=len, reverse=True)
+
+
 def control_tokens(tokenizer: "PreTrainedTokenizerBase") -> "re.Pattern[str]":
-    """A pattern matching the tokenizer's control tokens (`<|im_end|>`, `<|endoftext|>`...)."""
-    tokens = sorted(set(tokenizer.all_special_tokens) | set(tokenizer.added_tokens_encoder), key=len, reverse=True)
-    return re.compile("|".join(re.escape(t) for t in tokens if t) or "(?!)")
+    """A pattern matching any control token of the tokenizer."""
+    return re.compile("|".join(map(re.escape, _control_tokens(tokenizer))) or "(?!)")
 
 
 def control_token_in(conv: Conversation, pattern: "re.Pattern[str]") -> str | None:
