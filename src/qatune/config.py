@@ -477,30 +477,30 @@ def config_reference() -> str:
         "",
     ]
 
-    def emit(model: type[BaseModel], prefix: str, level: int) -> None:
-        out.append(f"{'#' * level} `{prefix}`" if prefix else "")
-        out.append("")
-        out.append((model.__doc__ or "").strip())
-        out.append("")
-        out.append("| key | type | default | description |")
-        out.append("| --- | --- | --- | --- |")
-        nested = []
+    # Each section model once, under every key that holds it (the three source lists share one table).
+    holders: dict[type[BaseModel], list[str]] = {}
+
+    def collect(model: type[BaseModel], prefix: str) -> None:
+        holders.setdefault(model, []).append(prefix)
         for name, info in model.model_fields.items():
             inner = _inner_model(info.annotation)
-            default = info.get_default(call_default_factory=True)
-            if isinstance(default, BaseModel):
-                default = "(section)"
-            elif isinstance(default, list) and default and isinstance(default[0], BaseModel):
-                default = "[]"
-            out.append(
-                f"| `{name}` | {type_name(info.annotation).replace('|', '/')} | `{default!r}` | {info.description or ''} |"
-            )
             if inner is not None:
-                nested.append((name, inner))
-        out.append("")
-        for name, inner in nested:
-            emit(inner, f"{prefix}.{name}" if prefix else name, min(level + 1, 4))
+                collect(inner, f"{prefix}.{name}")
 
     for name, info in QatuneConfig.model_fields.items():
-        emit(_inner_model(info.annotation), name, 2)
+        collect(_inner_model(info.annotation), name)
+    for model, prefixes in holders.items():
+        level = min(prefixes[0].count(".") + 2, 4)
+        out += [f"{'#' * level} " + ", ".join(f"`{p}`" for p in prefixes), "", (model.__doc__ or "").strip(), "",
+                "| key | type | default | description |", "| --- | --- | --- | --- |"]
+        for name, info in model.model_fields.items():
+            if info.is_required():
+                default = "required"
+            elif _inner_model(info.annotation) is not None:
+                default = "see below" if not isinstance(info.get_default(call_default_factory=True), list) else "`[]`"
+            else:
+                default = f"`{info.get_default(call_default_factory=True)!r}`"
+            kind = type_name(info.annotation).replace("|", "/")
+            out.append(f"| `{name}` | {kind} | {default} | {info.description or ''} |")
+        out.append("")
     return "\n".join(out).rstrip() + "\n"
