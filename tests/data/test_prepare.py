@@ -9,7 +9,7 @@ import pytest
 
 from qatune.cli import main
 from qatune.config import load_config
-from qatune.data.prepare import prepare
+from qatune.data.prepare import load_prepared, prepare
 from qatune.errors import DataError, ModelLoadError
 from tests.conftest import REPO, write_jsonl
 
@@ -24,17 +24,16 @@ def demo(tmp_path_factory, tokenizer):
 
 
 def test_prepare_writes_dataset_report_drops_histogram(demo) -> None:
-    from datasets import load_from_disk
-
     result, out = demo
     for name in ("data_report.json", "dropped.jsonl", "token_lengths.png", "chat_template.jinja", "config.yaml"):
         assert (out / name).is_file(), name
     assert (out / "token_lengths.png").read_bytes()[:4] == b"\x89PNG"
-    saved = load_from_disk(str(out / "dataset"))
-    assert set(saved) == {"train", "validation"}
-    assert saved["train"].num_rows == result.train.num_rows > 200
-    assert saved["validation"].num_rows == 30  # the explicit eval file, kept whole
-    row = saved["train"][0]
+    saved = load_prepared(out)
+    assert saved.report == result.report
+    assert saved.train.num_rows == result.train.num_rows > 200
+    assert saved.train["input_ids"] == result.train["input_ids"]
+    assert saved.validation.num_rows == 30  # the explicit eval file, kept whole
+    row = saved.train[0]
     assert len(row["input_ids"]) == len(row["labels"]) == row["length"] <= 512
     assert any(label != -100 for label in row["labels"])
 
@@ -133,3 +132,9 @@ def test_nothing_left_is_an_error_that_points_at_the_drops(tmp_path: Path, token
                                         r"every drop is listed in .*dropped.jsonl"):
         prepare(load_config(None, [f"data.sources=[{data}]", f"data.output_dir={tmp_path}/out"]))
     assert len((tmp_path / "out" / "dropped.jsonl").read_text().splitlines()) == 2
+
+
+def test_load_prepared_names_what_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no prepared dataset here") as info:
+        load_prepared(tmp_path)
+    assert "qatune data prepare" in str(info.value)

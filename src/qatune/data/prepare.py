@@ -316,6 +316,20 @@ def _write(prepared: PreparedData, config: QatuneConfig, template_source: str, l
     (out / REPORT_FILE).write_text(json.dumps(prepared.report, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
+def load_prepared(output_dir: str | Path) -> PreparedData:
+    """Read back what `prepare` wrote (the train stage starts from here)."""
+    from datasets import load_from_disk
+
+    out = Path(output_dir)
+    report_path = out / REPORT_FILE
+    if not report_path.is_file() or not (out / DATASET_DIR).is_dir():
+        raise DataError(f"no prepared dataset here (missing {REPORT_FILE} or {DATASET_DIR}/)", Location(str(out)),
+                        hint="run `qatune data prepare CONFIG` first")
+    splits = load_from_disk(str(out / DATASET_DIR))
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    return PreparedData(out, splits["train"], splits["validation"] if "validation" in splits else None, report)
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation only
 
