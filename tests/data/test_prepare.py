@@ -138,3 +138,18 @@ def test_load_prepared_names_what_is_missing(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no prepared dataset here") as info:
         load_prepared(tmp_path)
     assert "qatune data prepare" in str(info.value)
+
+
+def test_tool_schemas_are_kept_and_a_template_that_ignores_them_is_reported(tmp_path: Path, tokenizer, capsys) -> None:
+    record = {"conversations": [{"from": "human", "value": "What's the weather in Paris today?"},
+                                {"from": "function_call", "value": '{"name": "weather", "arguments": {"city": "Paris"}}'},
+                                {"from": "observation", "value": '{"temp_c": 20}'},
+                                {"from": "gpt", "value": "It is 20 degrees in Paris."}],
+              "tools": '[{"name": "weather", "description": "Current weather", "parameters": {}}]'}
+    data = write_jsonl(tmp_path / "tools.jsonl", [record])
+    assert main(["data", "prepare", f"data.sources=[{data}]", "data.val_size=0", f"data.output_dir={tmp_path}/out"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps lines at the terminal width
+    assert "1 samples carry tool schemas, but the chat template does not render `tools`" in printed
+    saved = load_prepared(tmp_path / "out")
+    assert json.loads(saved.train[0]["tools"]) == [{"name": "weather", "description": "Current weather", "parameters": {}}]
+    assert saved.report["records_with_tools"] == 1 and saved.report["template"]["renders_tools"] is False

@@ -281,6 +281,7 @@ def _tokenized(convs: list[Conversation], tokenizer: Any, template: Any, data: D
                 "input_ids": sample.input_ids, "labels": sample.labels, "length": len(sample.input_ids),
                 "truncated": sample.truncated, "source": conv.source, "location": str(conv.location),
                 "messages": conv.messages,
+                "tools": json.dumps(conv.tools, ensure_ascii=False) if conv.tools else "",
             })
     return rows
 
@@ -288,7 +289,7 @@ def _tokenized(convs: list[Conversation], tokenizer: Any, template: Any, data: D
 def _to_dataset(rows: list[dict[str, Any]]) -> "Dataset":
     from datasets import Dataset
 
-    columns = ("input_ids", "labels", "length", "truncated", "source", "location", "messages")
+    columns = ("input_ids", "labels", "length", "truncated", "source", "location", "messages", "tools")
     return Dataset.from_dict({c: [r[c] for r in rows] for c in columns})
 
 

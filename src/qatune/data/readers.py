@@ -147,7 +147,7 @@ def _read_json(path: Path, encoding: str) -> Iterator[RawRecord]:
             chunk = f.read(_CHUNK)
             try:
                 text = text_decoder.decode(chunk, final=not chunk)
-            except UnicodeDecodeError as exc:
+            except UnicodeDecodeError:
                 raise _first_undecodable_line(path, encoding) from None
             eof = not chunk
             line += buf.count("\n", counted, pos)

@@ -69,6 +69,8 @@ def build_report(*, config: "QatuneConfig", tokenizer: Any, template: dict[str, 
         "drop_examples": dict(examples),
         "leakage_removed": log.by_reason().get(EVAL_LEAKAGE, 0),
         "mix": mix_info,
+        # Tool schemas only reach the model through a template that renders `tools`.
+        "records_with_tools": sum(1 for rows in splits.values() for r in rows if r["tools"]),
         "splits": {
             name: {
                 "records": sum(kept[s][name] for s in kept),
@@ -117,6 +119,9 @@ def print_summary(report: dict[str, Any], console: "Console") -> None:
         lengths.add_row(name, str(split["samples"]), str(split["tokens"]), str(split["truncated"]),
                         *(str(st[k]) for k in ("min", "p50", "p90", "p95", "p99", "max")))
     console.print(lengths)
+    if report["records_with_tools"] and not report["template"]["renders_tools"]:
+        console.print(f"[yellow]warning:[/] {report['records_with_tools']} samples carry tool schemas, but the "
+                      "chat template does not render `tools`: the model will not see them.")
     if report["mix"]:
         mix = report["mix"]
         console.print(f"General data mixed {mix['ratio']}: {mix['general_used']} of {mix['general_available']} "

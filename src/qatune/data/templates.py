@@ -253,4 +253,5 @@ def tokenize(convs: list[Conversation], tokenizer: "PreTrainedTokenizerBase", te
 
 
 def template_metadata(template: ChatTemplate) -> dict[str, Any]:
-    return {"name": template.name, "end_of_turn": template.end_of_turn, "end_of_turn_id": template.end_of_turn_id}
+    return {"name": template.name, "end_of_turn": template.end_of_turn, "end_of_turn_id": template.end_of_turn_id,
+            "renders_tools": "tools" in template.source}
