@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import types
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -447,7 +448,7 @@ def type_name(annotation: Any) -> str:
         return "null"
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(annotation))
-    if origin in (Union, getattr(__import__("types"), "UnionType", Union)):
+    if origin in (Union, types.UnionType):
         return " or ".join(type_name(a) for a in get_args(annotation))
     if origin in (list, tuple):
         return f"list of {type_name(get_args(annotation)[0])}"

@@ -97,8 +97,6 @@ def load_tokenizer(cfg: ModelConfig) -> "PreTrainedTokenizerBase":
         return AutoTokenizer.from_pretrained(
             loc.path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
-    except ModelLoadError:
-        raise
     except (OSError, ValueError) as exc:
         hint = None if loc.is_local else "the hub is not reachable from here? download the model and pass its folder"
         raise ModelLoadError(f"cannot load the tokenizer of '{loc.name}': {exc}", hint=hint) from exc

@@ -104,14 +104,14 @@ def _first_undecodable_line(path: Path, encoding: str) -> EncodingError:
 
 
 def _read_jsonl(path: Path, encoding: str) -> Iterator[RawRecord]:
-    encoding = _text_encoding(encoding)
+    first_line_encoding = _text_encoding(encoding)  # a byte-order mark can only start the first line
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             loc = Location(str(path), number)
             try:
-                line = raw.decode(encoding if number == 1 else encoding.replace("-sig", ""))
+                line = raw.decode(first_line_encoding if number == 1 else encoding)
             except UnicodeDecodeError as exc:
-                yield RawRecord(loc, error=_encoding_error(path, number, exc, encoding.replace("-sig", "")))
+                yield RawRecord(loc, error=_encoding_error(path, number, exc, encoding))
                 continue
             if not line.strip():
                 continue
