@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: venv
-	$(VENV)/bin/qatune data prepare examples/demo.yaml
+	$(VENV)/bin/qatune train examples/demo.yaml
 
 test: venv
 	$(PY) -m pytest -q

@@ -73,6 +73,32 @@ def cmd_data_check(ns: argparse.Namespace) -> int:
     return 1 if result.errors else 0
 
 
+def cmd_train(ns: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    from qatune.config import load_config
+    from qatune.train import report
+    from qatune.train.run import train
+
+    path, overrides = _split_args(ns.args)
+    if ns.model:
+        overrides.append(f"model={json.dumps(ns.model)}")  # JSON is YAML: paths stay strings
+    if ns.data:
+        overrides.append(f"data.sources={json.dumps(ns.data)}")
+    config = load_config(path, overrides)
+    console = Console()
+    result = train(config, console)
+    if result.interrupted:
+        return 130
+    report.print_summary(result.report, console)
+    if result.preview:
+        report.print_preview(result.preview, console)
+    console.print(f"Wrote {result.output_dir}/ ({', '.join(result.report['files'])})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qatune",
@@ -105,6 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--dataset", default=None, help="names in a LLaMA-Factory registry, comma-separated")
     chk.add_argument("--encoding", default="utf-8", help="text encoding, e.g. gb18030")
     chk.set_defaults(run=cmd_data_check)
+
+    trn = stages.add_parser(
+        "train", help="fine-tune a model on your data (lora, qlora, full, freeze, prefix)",
+        description="Prepares the data (or reuses it when unchanged), trains, and writes train.output_dir/: "
+        "adapter or weights (safetensors), tokenizer, config.yaml, train_report.json, loss_curve.png, "
+        "checkpoints and TensorBoard logs. Ctrl-C saves a checkpoint; train.resume=true continues.",
+    )
+    trn.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE]", help=OVERRIDES_HELP)
+    trn.add_argument("--model", help="model: default, a Hugging Face folder, a .gguf file or a hub id")
+    trn.add_argument("--data", action="append", metavar="FILE", help="training data file or folder (repeatable)")
+    trn.set_defaults(run=cmd_train)
     return parser
 
 

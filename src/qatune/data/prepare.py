@@ -6,6 +6,7 @@ reading and cleaning part alone and lists every problem without writing anything
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -245,6 +246,7 @@ def prepare(config: QatuneConfig, write: bool = True) -> PreparedData:
         config=config, tokenizer=tokenizer, template=template_metadata(template), loaded=loaded,
         splits=splits, mix_info=mix_info, elapsed=elapsed, version=__version__,
     )
+    report["fingerprint"] = fingerprint(config)
     validation_rows = splits.get("validation")
     prepared = PreparedData(Path(data.output_dir), _to_dataset(splits["train"]),
                             _to_dataset(validation_rows) if validation_rows else None, report)
@@ -315,6 +317,36 @@ def _write(prepared: PreparedData, config: QatuneConfig, template_source: str, l
                    config.data.max_length, out / HISTOGRAM_FILE)
     prepared.report["files"] = sorted({p.name for p in out.iterdir()} | {REPORT_FILE})
     (out / REPORT_FILE).write_text(json.dumps(prepared.report, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def fingerprint(config: QatuneConfig) -> str:
+    """What a prepared dataset depends on: the data and model sections, qatune's version, and each
+    input file's size and mtime. Equal fingerprints mean `prepare` would write the same dataset."""
+    digest = hashlib.sha256()
+    settings = {"data": config.data.model_dump(mode="json", exclude={"output_dir"}),
+                "model": config.model.model_dump(mode="json"), "version": __version__}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    data = config.data
+    for source in data.sources + data.eval_sources + data.general_sources:
+        root = Path(source.path)
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for path in files:
+            stat = path.stat() if path.exists() else None
+            digest.update(f"{path}:{stat and stat.st_size}:{stat and stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def prepare_or_reuse(config: QatuneConfig) -> tuple[PreparedData, bool]:
+    """The prepared dataset in data.output_dir when its inputs are unchanged, else a fresh `prepare`:
+    a second training run on the same data does not tokenize it again. Returns (data, reused)."""
+    out = Path(config.data.output_dir)
+    try:
+        written = json.loads((out / REPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        written = {}
+    if written.get("fingerprint") == fingerprint(config) and (out / DATASET_DIR).is_dir():
+        return load_prepared(out), True
+    return prepare(config), False
 
 
 def load_prepared(output_dir: str | Path) -> PreparedData:

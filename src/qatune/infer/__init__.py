@@ -1,0 +1,1 @@
+"""Generation shared by training previews, evaluation, chat and serving."""

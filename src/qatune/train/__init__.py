@@ -1,0 +1,1 @@
+"""The training stage: `train(config) -> TrainResult` (see run.py)."""

@@ -1,0 +1,163 @@
+"""lora / qlora / full / freeze / prefix: a loaded model in, a model with the right parameters
+trainable out. The method is a config field; everything else in training is shared."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from qatune.config import MethodConfig, ModelConfig
+from qatune.errors import QatuneError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+ADAPTER_METHODS = ("lora", "qlora", "prefix")
+
+
+class MethodError(QatuneError):
+    """The chosen method cannot run here or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class ParamSummary:
+    trainable: int
+    total: int
+
+    @property
+    def share(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"trainable parameters: {self.trainable:,} of {self.total:,} ({100 * self.share:.3f}%)"
+
+
+def check_method_here(method: MethodConfig, device: str) -> None:
+    """Refuse at once, before any weight is read, what this machine cannot do."""
+    if method.name == "qlora":
+        if not device.startswith("cuda"):
+            raise MethodError(
+                "method qlora needs a CUDA GPU: bitsandbytes 4-bit NF4 kernels do not run on CPU",
+                hint="use method.name=lora on this machine (same adapters, unquantized base), or run on a GPU",
+            )
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise MethodError("method qlora needs the bitsandbytes package",
+                              hint="pip install bitsandbytes") from None
+
+
+def load_for_method(model_cfg: ModelConfig, method: MethodConfig, precision: "torch.dtype",
+                    device: str) -> "PreTrainedModel":
+    """Load the base model the way the method wants it.
+
+    Adapter methods keep the frozen base in the compute dtype (half the memory, and the adapter
+    weights stay fp32); full and freeze keep fp32 master weights and let autocast compute in
+    bf16/fp16. qlora loads the base as 4-bit NF4 with double quantization."""
+    import torch
+
+    from qatune.models import load_model
+
+    kwargs: dict[str, Any] = {}
+    if method.name == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=precision,
+        )
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    dtype = None if model_cfg.dtype != "auto" else (
+        precision if method.name in ADAPTER_METHODS else torch.float32
+    )
+    return load_model(model_cfg, dtype=dtype, **kwargs)
+
+
+def apply_method(model: "PreTrainedModel", method: MethodConfig, gradient_checkpointing: bool) -> "PreTrainedModel":
+    """Make exactly the parameters the method trains trainable; return the (possibly wrapped) model."""
+    if gradient_checkpointing:
+        # use_reentrant=False works with frozen embeddings (no need for enable_input_require_grads).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if method.name in ("lora", "qlora"):
+        return _lora(model, method, gradient_checkpointing)
+    if method.name == "prefix":
+        return _prefix(model, method)
+    if method.name == "freeze":
+        _freeze(model, method)
+    else:  # full
+        model.requires_grad_(True)
+    return model
+
+
+def _lora(model: "PreTrainedModel", method: MethodConfig, gradient_checkpointing: bool) -> "PreTrainedModel":
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if method.name == "qlora":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    targets = method.target_modules
+    if targets != "all-linear":
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [t for t in targets if t not in present]
+        if missing:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                             if type(m).__name__.startswith("Linear") and "lm_head" not in n})
+            raise MethodError(f"method.target_modules {missing} are not modules of this model",
+                              hint=f"choose among {linear}, or use target_modules=all-linear")
+    config = LoraConfig(
+        r=method.lora_rank, lora_alpha=method.lora_alpha, lora_dropout=method.lora_dropout,
+        target_modules=targets, use_rslora=method.use_rslora, use_dora=method.use_dora,
+        bias="none", task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def _prefix(model: "PreTrainedModel", method: MethodConfig) -> "PreTrainedModel":
+    from peft import PrefixTuningConfig, get_peft_model
+
+    return get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=method.prefix_virtual_tokens,
+                                                    task_type="CAUSAL_LM"))
+
+
+def _freeze(model: "PreTrainedModel", method: MethodConfig) -> None:
+    """Train the last N decoder layers, or the named modules; embeddings stay frozen (tied lm_head
+    too) unless a name asks for them."""
+    model.requires_grad_(False)
+    names = [name for name, _ in model.named_parameters()]
+    if method.freeze_trainable_modules:
+        patterns = [re.compile(rf"(^|\.){re.escape(m)}(\.|$)") for m in method.freeze_trainable_modules]
+        chosen = [n for n in names if any(p.search(n) for p in patterns)]
+        if not chosen:
+            raise MethodError(f"method.freeze_trainable_modules {method.freeze_trainable_modules} match no parameter",
+                              hint=f"names look like {names[len(names) // 2]!r}; try ['mlp'] or ['layers.29']")
+    else:
+        layers = sorted({int(m.group(1)) for n in names if (m := re.search(r"\.layers\.(\d+)\.", n))})
+        if not layers:
+            raise MethodError("method freeze: this model has no `.layers.N.` decoder layers to pick from",
+                              hint="name the modules to train in method.freeze_trainable_modules")
+        if method.freeze_trainable_layers > len(layers):
+            raise MethodError(f"method.freeze_trainable_layers={method.freeze_trainable_layers} but the model has "
+                              f"{len(layers)} layers", hint=f"use at most {len(layers)}, or method.name=full")
+        last = set(layers[-method.freeze_trainable_layers:])
+        chosen = [n for n in names if (m := re.search(r"\.layers\.(\d+)\.", n)) and int(m.group(1)) in last]
+    params = dict(model.named_parameters())
+    for name in chosen:
+        params[name].requires_grad_(True)
+
+
+def summarize(model: "torch.nn.Module") -> ParamSummary:
+    """Trainable and total parameters (a 4-bit weight counts its real element count)."""
+    trainable = total = 0
+    for param in model.parameters():
+        count = param.numel()
+        if type(param).__name__ == "Params4bit":  # packed two values per byte
+            count *= 2
+        total += count
+        if param.requires_grad:
+            trainable += count
+    return ParamSummary(trainable, total)

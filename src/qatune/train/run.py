@@ -1,0 +1,358 @@
+"""The training stage: `train(config) -> TrainResult`.
+
+Reads top to bottom: check what this machine can do and what output_dir holds, prepare (or reuse)
+the data, load the model the method's way, build the Hugging Face Trainer with qatune's collator
+and callbacks, train (resuming if asked), then write weights or adapter, tokenizer with the
+training chat template, generation config that stops at end-of-turn, report and loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qatune import __version__
+from qatune.config import QatuneConfig, TrainConfig
+from qatune.errors import QatuneError
+from qatune.train import report as train_report
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+CONFIG_FILE = "config.yaml"
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINER_STATE = "trainer_state.json"
+# Keys that may change when a run is resumed; any other difference would silently make a different run.
+RESUMABLE_CHANGES = (
+    "train.resume", "train.overwrite_output_dir", "train.num_epochs", "train.max_steps", "train.eval_steps",
+    "train.save_steps", "train.save_total_limit", "train.logging_steps", "train.report_to", "train.eval_at_start",
+    "train.early_stopping_patience", "train.early_stopping_threshold", "train.preview_questions",
+    "data.output_dir", "eval.", "serve.",
+)
+
+
+class TrainError(QatuneError):
+    """Training cannot start or could not go on."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    report: dict[str, Any]
+    interrupted: bool = False
+    checkpoint: Path | None = None  # the checkpoint to resume from after an interruption
+    preview: list[dict[str, str]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks before anything heavy
+
+
+def resolve_precision(requested: str, device: str, console: "Console | None" = None) -> str:
+    """bf16, fp16 or fp32 for this device; fp16 never on CPU (no fast kernels, overflow-prone)."""
+    from qatune.models import native_bf16
+
+    if requested == "auto":
+        return "bf16" if native_bf16(device) else ("fp16" if device == "cuda" else "fp32")
+    if requested == "fp16" and device == "cpu":
+        raise TrainError("train.precision=fp16 on CPU: there are no fast fp16 CPU kernels and fp16 overflows",
+                         hint="use train.precision=auto (bf16 where the CPU has it, else fp32)")
+    if requested == "bf16" and not native_bf16(device):
+        if device == "cuda":
+            raise TrainError("train.precision=bf16 but this GPU has no bf16", hint="use train.precision=auto (fp16)")
+        if console:
+            console.print("[yellow]warning: this CPU has no native bf16 (AVX512-BF16/AMX); bf16 is emulated and "
+                          "much slower than fp32. train.precision=auto picks fp32 here.[/yellow]")
+    return requested
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """checkpoint-N folders whose trainer_state.json (written last by the Trainer) is readable, by step."""
+    found = []
+    for path in output_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+        step = path.name[len(CHECKPOINT_PREFIX):]
+        try:
+            json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # killed while saving: not a resume point
+        if step.isdigit():
+            found.append((int(step), path))
+    return [path for _, path in sorted(found)]
+
+
+def plan_output_dir(config: QatuneConfig) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run; refuses to mix two runs in one folder."""
+    cfg = config.train
+    out = Path(cfg.output_dir)
+    checkpoints = complete_checkpoints(out)
+    if cfg.resume:
+        if not checkpoints:
+            raise TrainError(f"train.resume=true but {out} holds no complete checkpoint to resume from",
+                             hint="set train.resume=false to start a new run")
+        changes = _config_changes(out / CONFIG_FILE, config)
+        if changes:
+            raise TrainError(f"cannot resume {out}: the config differs from the run's own {CONFIG_FILE} in "
+                             + "; ".join(changes),
+                             hint="set those keys back, or start a new run in another train.output_dir")
+        return checkpoints[-1]
+    earlier = sorted(p.name for p in out.glob(f"{CHECKPOINT_PREFIX}*")) + \
+        [n for n in (train_report.REPORT_FILE,) if (out / n).exists()]
+    if earlier:
+        if not cfg.overwrite_output_dir:
+            raise TrainError(f"{out} already holds a run ({', '.join(earlier[:4])})",
+                             hint="train.resume=true continues it; train.overwrite_output_dir=true starts over; "
+                                  "or choose another train.output_dir")
+        for name in earlier:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return None
+
+
+def _config_changes(saved_path: Path, config: QatuneConfig) -> list[str]:
+    import yaml
+
+    try:
+        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return [f"{saved_path.name} (missing or unreadable)"]
+    before, now = _flatten(saved), _flatten(config.model_dump(mode="json"))
+    return [f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(before.keys() | now.keys())
+            if before.get(key) != now.get(key) and not key.startswith(RESUMABLE_CHANGES)]
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _check_reporter(report_to: str) -> None:
+    needs = {"tensorboard": ("tensorboardX", "tensorboard"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+    import importlib.util
+
+    modules = needs.get(report_to, ())
+    if modules and not any(importlib.util.find_spec(m) for m in modules):
+        raise TrainError(f"train.report_to={report_to} needs the {modules[-1]} package",
+                         hint=f"pip install {modules[-1]}, or set train.report_to=none")
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def train(config: QatuneConfig, console: "Console | None" = None) -> TrainResult:
+    """Fine-tune `config.model` on `config.data` with `config.method`; write everything to train.output_dir."""
+    import torch
+    import transformers
+    from rich.console import Console
+
+    from qatune.data.prepare import prepare_or_reuse
+    from qatune.data.templates import resolve_template
+    from qatune.models import load_tokenizer
+    from qatune.train.collator import PaddingCollator
+    from qatune.train.methods import apply_method, check_method_here, load_for_method, summarize
+    from qatune.train.trainer import FlowControl, ProgressBar, QatuneTrainer
+
+    console = console or Console()
+    started = time.perf_counter()
+    cfg = config.train
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_method_here(config.method, device)
+    precision = resolve_precision(cfg.precision, device, console)
+    _check_reporter(cfg.report_to)
+    resume_from = plan_output_dir(config)
+    out = Path(cfg.output_dir)
+
+    data, reused = prepare_or_reuse(config)
+    console.print(f"Data: {len(data.train)} train / {len(data.validation or [])} eval samples "
+                  f"({'reused' if reused else 'prepared'} in {data.output_dir})")
+    if data.validation is None and cfg.early_stopping_patience:
+        raise TrainError("train.early_stopping_patience needs eval data, and this dataset has none",
+                         hint="set data.val_size above 0 or add data.eval_sources")
+    tokenizer = load_tokenizer(config.model)
+    template = resolve_template(tokenizer, config.data.template)
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.set_seed(cfg.seed)  # before the model: adapter initialisation is seeded too
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    model = load_for_method(config.model, config.method, dtype, device)
+    model = apply_method(model, config.method, cfg.gradient_checkpointing)
+    params = summarize(model)
+    console.print(f"Method {config.method.name}: {params}; precision {precision} on {device}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_FILE).write_text(config.to_yaml(), encoding="utf-8")
+    preview = _preview_rows(data.validation, cfg.preview_questions)
+    if preview:  # the checkpoint, if any, is loaded later, inside trainer.train(): this is the base model
+        for row, answer in zip(preview, _answers(model, tokenizer, template, preview, config, base=True)):
+            row["base"] = answer
+
+    columns = ["input_ids", "labels", "length"]
+    train_set = data.train.select_columns(columns)
+    eval_set = data.validation.select_columns(columns) if data.validation is not None else None
+    args = training_arguments(config, precision, device, len(train_set), eval_set is not None)
+    flow = FlowControl(console, evaluate=eval_set is not None)
+    callbacks: list[Any] = [flow, ProgressBar(console)]
+    if cfg.early_stopping_patience:
+        callbacks.append(transformers.EarlyStoppingCallback(cfg.early_stopping_patience,
+                                                            cfg.early_stopping_threshold))
+    trainer = QatuneTrainer(
+        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
+        data_collator=PaddingCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                      else template.end_of_turn_id, 8 if device == "cuda" else None),
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # ProgressBar says it all
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with flow.signals():
+            output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        last = complete_checkpoints(out)
+        raise TrainError(
+            f"out of memory at step {trainer.state.global_step} (batch {cfg.per_device_batch_size} x up to "
+            f"{config.data.max_length} tokens)" + (f"; last checkpoint {last[-1]}" if last else ""),
+            hint="try method.name=qlora (GPU), train.gradient_checkpointing=true, a smaller "
+                 "train.per_device_batch_size with more gradient_accumulation_steps, or a lower data.max_length",
+        ) from None
+    if flow.interrupted:
+        last = complete_checkpoints(out)
+        checkpoint = last[-1] if last else None
+        console.print(f"Interrupted at step {trainer.state.global_step}: checkpoint {checkpoint}. "
+                      "Continue with train.resume=true.")
+        return TrainResult(out, {"interrupted": True, "global_step": trainer.state.global_step}, True, checkpoint)
+
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    trainer.save_model(str(out))
+    tokenizer.chat_template = template.source  # the template the model learned, even a named one
+    tokenizer.save_pretrained(str(out))
+    _save_generation_config(unwrapped, tokenizer, template.end_of_turn_id, out)
+    if preview:
+        tuned = _answers(unwrapped, tokenizer, template, preview, config, base=False)
+        for row, answer in zip(preview, tuned):
+            row["tuned"] = answer
+
+    state = trainer.state
+    log = state.log_history
+    tokens = state.num_input_tokens_seen - (trainer._initial_num_input_tokens_seen or 0)
+    runtime = output.metrics.get("train_runtime", 0.0)
+    report = {
+        "qatune_version": __version__, "method": config.method.name, "model": config.model.name_or_path,
+        "device": device, "precision": precision,
+        "trainable_parameters": params.trainable, "total_parameters": params.total,
+        "train_samples": len(train_set), "eval_samples": len(eval_set) if eval_set is not None else 0,
+        "data_reused": reused, "resumed_from": str(resume_from) if resume_from else None,
+        "global_step": state.global_step, "epochs": state.epoch or 0.0,
+        "stopped_early": state.global_step < state.max_steps,
+        **train_report.eval_summary(log),
+        "final_train_loss": next((e["loss"] for e in reversed(log) if "loss" in e), None),
+        "best_checkpoint": state.best_model_checkpoint,
+        "tokens_seen": tokens, "tokens_per_s": tokens / runtime if runtime else 0.0,
+        "train_time_s": runtime, "wall_time_s": time.perf_counter() - started,
+        "peak_memory_mib": _peak_memory(device),
+        "preview": [{k: row[k] for k in ("question", "reference", "base", "tuned")} for row in preview],
+    }
+    train_report.save_loss_plot(log, out / train_report.LOSS_PLOT_FILE,
+                                f"{config.method.name} on {config.model.name_or_path}")
+    report["files"] = sorted({p.name for p in out.iterdir()} | {train_report.REPORT_FILE})
+    (out / train_report.REPORT_FILE).write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+    return TrainResult(out, report, preview=preview)
+
+
+def training_arguments(config: QatuneConfig, precision: str, device: str, train_samples: int,
+                       has_eval: bool) -> Any:
+    """Map qatune's train section onto transformers.TrainingArguments (one place, documented defaults)."""
+    from transformers import TrainingArguments
+
+    cfg: TrainConfig = config.train
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    steps_per_epoch = max(math.ceil(train_samples / (cfg.per_device_batch_size * world))
+                          // cfg.gradient_accumulation_steps, 1)
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_epochs)
+    # Checkpoints follow evaluations (the best one must exist); both default to once per epoch.
+    eval_steps = cfg.eval_steps or cfg.save_steps or steps_per_epoch
+    save_steps = cfg.save_steps or eval_steps
+    return TrainingArguments(
+        output_dir=cfg.output_dir,
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        per_device_eval_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_epochs, max_steps=cfg.max_steps,
+        warmup_steps=cfg.warmup_steps if cfg.warmup_steps > 0 else cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, lr_scheduler_type=cfg.lr_scheduler,
+        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device == "cpu",
+        seed=cfg.seed, data_seed=cfg.seed,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        length_column_name="length",
+        logging_steps=cfg.logging_steps or max(total // 50, 1),
+        eval_strategy="steps" if has_eval else "no", eval_steps=eval_steps,
+        eval_on_start=cfg.eval_at_start and has_eval,
+        save_strategy="steps", save_steps=save_steps, save_total_limit=cfg.save_total_limit,
+        load_best_model_at_end=cfg.load_best_at_end and has_eval,
+        metric_for_best_model="eval_loss", greater_is_better=False,
+        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False, disable_tqdm=True, dataloader_pin_memory=device == "cuda",
+    )
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
+
+
+def _peak_memory(device: str) -> dict[str, float]:
+    import torch
+
+    peak = {"process_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+    if device == "cuda":
+        peak["gpu_allocated"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
+def _save_generation_config(model: Any, tokenizer: Any, end_of_turn_id: int, out: Path) -> None:
+    """Stop at the template's end-of-turn (and eos): the usual cause of endless answers after tuning."""
+    from qatune.infer.generation import stop_token_ids
+
+    generation = model.generation_config
+    generation.eos_token_id = stop_token_ids(tokenizer, end_of_turn_id)
+    generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_id
+    generation.save_pretrained(str(out))
+
+
+def _preview_rows(validation: Any, count: int) -> list[dict[str, str]]:
+    """The first held-out conversations, cut before their last answer."""
+    rows = []
+    if validation is None:
+        return rows
+    for messages in validation.select(range(min(count, len(validation))))["messages"]:
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        rows.append({"prompt": messages[:last], "question": messages[last - 1]["content"],
+                     "reference": messages[last]["content"]})
+    return rows
+
+
+def _answers(model: Any, tokenizer: Any, template: Any, rows: list[dict[str, Any]], config: QatuneConfig,
+             base: bool) -> list[str]:
+    from contextlib import nullcontext
+
+    from qatune.infer.generation import Decoding, generate
+
+    # An adapter's base answers come from the same model with the adapter switched off.
+    off = model.disable_adapter() if base and hasattr(model, "disable_adapter") else nullcontext()
+    with off:
+        return generate(model, tokenizer, template.source, [r["prompt"] for r in rows],
+                        Decoding(max_new_tokens=config.eval.max_new_tokens), template.end_of_turn_id)

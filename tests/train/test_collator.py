@@ -1,0 +1,21 @@
+"""The collator pads each batch to its own longest sample and never trains on padding."""
+
+from __future__ import annotations
+
+from qatune.data.templates import IGNORE_INDEX
+from qatune.train.collator import PaddingCollator
+
+
+def test_pads_to_longest_in_batch_with_ignored_labels() -> None:
+    samples = [{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+    batch = PaddingCollator(pad_token_id=0)(samples)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_rounds_length_up_to_multiple() -> None:
+    batch = PaddingCollator(pad_token_id=2, pad_to_multiple_of=8)([{"input_ids": [1] * 9, "labels": [1] * 9}])
+    assert batch["input_ids"].shape == (1, 16)
+    assert batch["attention_mask"].sum().item() == 9
+    assert (batch["labels"][0, 9:] == IGNORE_INDEX).all()

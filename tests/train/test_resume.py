@@ -1,0 +1,91 @@
+"""Resume: a run killed with SIGKILL loses at most one save interval and, resumed, ends with the same
+loss as an uninterrupted run; Ctrl-C saves a checkpoint and exits cleanly. The killed runs are real
+`qatune train` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qatune.train.run import complete_checkpoints, train
+from tests.conftest import REPO
+from tests.train.conftest import tiny_config
+
+pytestmark = pytest.mark.slow
+
+STEPS = 40
+RUN = ("method.name=lora", "method.lora_dropout=0.1", f"train.max_steps={STEPS}", "train.save_steps=5",
+       "train.eval_steps=5", "train.save_total_limit=50")
+
+
+def start_cli(config_overrides: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "qatune", "train", *config_overrides], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def cli_overrides(config) -> list[str]:
+    """The same config as command-line overrides, for the subprocess."""
+    flat = {"model": json.dumps(config.model.name_or_path),
+            "data.sources": json.dumps([s.path for s in config.data.sources])}
+    for section in ("data", "train", "method"):
+        for key, value in getattr(config, section).model_dump(mode="json").items():
+            if not isinstance(value, (dict, list)) and value is not None:
+                flat[f"{section}.{key}"] = json.dumps(value)
+    return [f"{k}={v}" for k, v in flat.items()]
+
+
+def wait_for_checkpoint(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(int(p.name.split("-")[1]) >= step for p in complete_checkpoints(run_dir)):
+            return
+        assert proc.poll() is None, f"training ended early:\n{proc.stdout.read()}"
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("no checkpoint appeared in time")
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir, qa_file) -> None:
+    reference = train(tiny_config(tmp_path / "a", tiny_model_dir, qa_file, *RUN)).report
+
+    killed = tiny_config(tmp_path / "b", tiny_model_dir, qa_file, *RUN)
+    proc = start_cli(cli_overrides(killed))
+    run_dir = Path(killed.train.output_dir)
+    wait_for_checkpoint(run_dir, 15, proc)
+    proc.send_signal(signal.SIGKILL)
+    output = proc.communicate()[0]
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir / "train_report.json").exists(), "the run was killed before its end"
+    last_logged = max(int(s) for s in re.findall(rf"step (\d+)/{STEPS}", output))
+    last_checkpoint = int(complete_checkpoints(run_dir)[-1].name.split("-")[1])
+    assert last_logged - last_checkpoint <= 5, "at most one save interval lost"
+
+    resumed = train(tiny_config(tmp_path / "b", tiny_model_dir, qa_file, *RUN, "train.resume=true")).report
+    assert resumed["resumed_from"].endswith(f"checkpoint-{last_checkpoint}")
+    assert resumed["global_step"] == reference["global_step"] == STEPS
+    assert resumed["final_train_loss"] == pytest.approx(reference["final_train_loss"], abs=1e-4)
+    assert resumed["final_eval_loss"] == pytest.approx(reference["final_eval_loss"], abs=1e-4)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model_dir, qa_file) -> None:
+    config = tiny_config(tmp_path, tiny_model_dir, qa_file, *RUN)
+    proc = start_cli(cli_overrides(config))
+    run_dir = Path(config.train.output_dir)
+    wait_for_checkpoint(run_dir, 5, proc)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    stopped = int(re.search(r"Interrupted at step (\d+)", output).group(1))
+    assert complete_checkpoints(run_dir)[-1].name == f"checkpoint-{stopped}", "saved where it stopped"
+    assert "train.resume=true" in output and "Traceback" not in output
+    resumed = train(tiny_config(tmp_path, tiny_model_dir, qa_file, *RUN, "train.resume=true")).report
+    assert resumed["global_step"] == STEPS
