@@ -76,6 +76,7 @@ def cmd_data_check(ns: argparse.Namespace) -> int:
 def cmd_train(ns: argparse.Namespace) -> int:
     import json
 
+    import datasets
     from rich.console import Console
 
     from qatune.config import load_config
@@ -88,6 +89,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     if ns.data:
         overrides.append(f"data.sources={json.dumps(ns.data)}")
     config = load_config(path, overrides)
+    datasets.disable_progress_bars()  # the data summary line says what was prepared
     console = Console()
     result = train(config, console)
     if result.interrupted:

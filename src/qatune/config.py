@@ -262,6 +262,9 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(256, ge=1, description="Longest generated answer.")
     batch_size: int = Field(8, ge=1, description="Questions generated together.")
     temperature: float = Field(0.0, ge=0, description="0 is greedy decoding.")
+    repetition_penalty: float = Field(
+        1.0, ge=1.0, description="Above 1 discourages repeating tokens (1.1-1.3 helps small models); 1 is off."
+    )
     forgetting_threshold: float = Field(
         0.02, ge=0, description="Warn when general accuracy falls by more than this (absolute)."
     )

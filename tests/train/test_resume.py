@@ -4,7 +4,6 @@ loss as an uninterrupted run; Ctrl-C saves a checkpoint and exits cleanly. The k
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -26,21 +25,13 @@ RUN = ("method.name=lora", "method.lora_dropout=0.1", f"train.max_steps={STEPS}"
        "train.eval_steps=5", "train.save_total_limit=50")
 
 
-def start_cli(config_overrides: list[str]) -> subprocess.Popen:
+def start_cli(config, folder: Path) -> subprocess.Popen:
+    """`qatune train CONFIG` in a real process, on the resolved config written as YAML."""
+    path = folder / "run.yaml"
+    path.write_text(config.to_yaml(), encoding="utf-8")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "qatune", "train", *config_overrides], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "qatune", "train", str(path)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def cli_overrides(config) -> list[str]:
-    """The same config as command-line overrides, for the subprocess."""
-    flat = {"model": json.dumps(config.model.name_or_path),
-            "data.sources": json.dumps([s.path for s in config.data.sources])}
-    for section in ("data", "train", "method"):
-        for key, value in getattr(config, section).model_dump(mode="json").items():
-            if not isinstance(value, (dict, list)) and value is not None:
-                flat[f"{section}.{key}"] = json.dumps(value)
-    return [f"{k}={v}" for k, v in flat.items()]
 
 
 def wait_for_checkpoint(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -58,7 +49,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_d
     reference = train(tiny_config(tmp_path / "a", tiny_model_dir, qa_file, *RUN)).report
 
     killed = tiny_config(tmp_path / "b", tiny_model_dir, qa_file, *RUN)
-    proc = start_cli(cli_overrides(killed))
+    proc = start_cli(killed, tmp_path)
     run_dir = Path(killed.train.output_dir)
     wait_for_checkpoint(run_dir, 15, proc)
     proc.send_signal(signal.SIGKILL)
@@ -78,7 +69,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_d
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model_dir, qa_file) -> None:
     config = tiny_config(tmp_path, tiny_model_dir, qa_file, *RUN)
-    proc = start_cli(cli_overrides(config))
+    proc = start_cli(config, tmp_path)
     run_dir = Path(config.train.output_dir)
     wait_for_checkpoint(run_dir, 5, proc)
     proc.send_signal(signal.SIGINT)

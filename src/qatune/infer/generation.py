@@ -60,7 +60,8 @@ def generate(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", tem
                 out = model.generate(input_ids=input_ids, attention_mask=mask, **options)
             for row in out[:, longest:].tolist():
                 cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-                answers.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+                # A cut at max_new_tokens can split a multi-byte character: drop the replacement mark.
+                answers.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip().rstrip("\ufffd"))
     finally:
         model.train(was_training)
     return answers

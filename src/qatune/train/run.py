@@ -14,6 +14,7 @@ import os
 import resource
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
+RUN_OUTPUTS = ("runs", "adapter_model.safetensors", "adapter_config.json", "model.safetensors",
+               train_report.LOSS_PLOT_FILE)
 # Keys that may change when a run is resumed; any other difference would silently make a different run.
 RESUMABLE_CHANGES = (
     "train.resume", "train.overwrite_output_dir", "train.num_epochs", "train.max_steps", "train.eval_steps",
@@ -104,14 +107,14 @@ def plan_output_dir(config: QatuneConfig) -> Path | None:
         return checkpoints[-1]
     earlier = sorted(p.name for p in out.glob(f"{CHECKPOINT_PREFIX}*")) + \
         [n for n in (train_report.REPORT_FILE,) if (out / n).exists()]
-    if earlier:
-        if not cfg.overwrite_output_dir:
-            raise TrainError(f"{out} already holds a run ({', '.join(earlier[:4])})",
-                             hint="train.resume=true continues it; train.overwrite_output_dir=true starts over; "
-                                  "or choose another train.output_dir")
-        for name in earlier:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if earlier and not cfg.overwrite_output_dir:
+        raise TrainError(f"{out} already holds a run ({', '.join(earlier[:4])})",
+                         hint="train.resume=true continues it; train.overwrite_output_dir=true starts over; "
+                              "or choose another train.output_dir")
+    # Starting over: nothing of the earlier run may be mistaken for this one's.
+    for name in earlier + [n for n in RUN_OUTPUTS if (out / n).exists()]:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
     return None
 
 
@@ -183,6 +186,8 @@ def train(config: QatuneConfig, console: "Console | None" = None) -> TrainResult
     template = resolve_template(tokenizer, config.data.template)
 
     transformers.utils.logging.disable_progress_bar()
+    # peft asks transformers a deprecated question on every wrap; the user can do nothing about it.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     transformers.set_seed(cfg.seed)  # before the model: adapter initialisation is seeded too
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     model = load_for_method(config.model, config.method, dtype, device)
@@ -355,4 +360,5 @@ def _answers(model: Any, tokenizer: Any, template: Any, rows: list[dict[str, Any
     off = model.disable_adapter() if base and hasattr(model, "disable_adapter") else nullcontext()
     with off:
         return generate(model, tokenizer, template.source, [r["prompt"] for r in rows],
-                        Decoding(max_new_tokens=config.eval.max_new_tokens), template.end_of_turn_id)
+                        Decoding(max_new_tokens=config.eval.max_new_tokens, temperature=config.eval.temperature,
+                                 repetition_penalty=config.eval.repetition_penalty), template.end_of_turn_id)
