@@ -13,9 +13,11 @@ method's. On a CUDA GPU precision is bf16 where supported and qlora runs; on CPU
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,9 +69,14 @@ def main() -> int:
     print(f"{args.model} on {device}; {args.steps} steps x batch {args.batch} x accumulation {args.accumulation}, "
           f"max_length {args.max_length}, {args.repeats} repeat(s)")
     rows = []
+    # Each run in a fresh process: peak RSS is a per-process figure, and no run warms another's caches.
+    spawn = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:
-            runs = [run_once(method, args, Path(tmp)) for _ in range(args.repeats)]
+            runs = []
+            for _ in range(args.repeats):
+                with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+                    runs.append(pool.submit(run_once, method, args, Path(tmp)).result())
             rows.append((method, runs))
     first = statistics.median(r["tokens_per_s"] for r in rows[0][1])
     print(f"{'method':8} {'precision':9} {'tokens/s':>10} {'ratio':>6} {'peak RSS MiB':>13} {'peak GPU MiB':>13} "

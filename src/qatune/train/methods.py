@@ -4,6 +4,7 @@ trainable out. The method is a config field; everything else in training is shar
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -81,10 +82,13 @@ def apply_method(model: "PreTrainedModel", method: MethodConfig, gradient_checkp
         # use_reentrant=False works with frozen embeddings (no need for enable_input_require_grads).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    if method.name in ("lora", "qlora"):
-        return _lora(model, method, gradient_checkpointing)
-    if method.name == "prefix":
-        return _prefix(model, method)
+    with warnings.catch_warnings():
+        # peft asks transformers a deprecated question on every wrap; the user can do nothing about it.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        if method.name in ("lora", "qlora"):
+            return _lora(model, method, gradient_checkpointing)
+        if method.name == "prefix":
+            return _prefix(model, method)
     if method.name == "freeze":
         _freeze(model, method)
     else:  # full

@@ -14,7 +14,6 @@ import os
 import resource
 import shutil
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -186,8 +185,6 @@ def train(config: QatuneConfig, console: "Console | None" = None) -> TrainResult
     template = resolve_template(tokenizer, config.data.template)
 
     transformers.utils.logging.disable_progress_bar()
-    # peft asks transformers a deprecated question on every wrap; the user can do nothing about it.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     transformers.set_seed(cfg.seed)  # before the model: adapter initialisation is seeded too
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     model = load_for_method(config.model, config.method, dtype, device)
