@@ -59,10 +59,12 @@ class TrainResult:
 
 def resolve_precision(requested: str, device: str, console: "Console | None" = None) -> str:
     """bf16, fp16 or fp32 for this device; fp16 never on CPU (no fast kernels, overflow-prone)."""
-    from qatune.models import native_bf16
+    import torch
+
+    from qatune.models import compute_dtype, native_bf16
 
     if requested == "auto":
-        return "bf16" if native_bf16(device) else ("fp16" if device == "cuda" else "fp32")
+        return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[compute_dtype(device)]
     if requested == "fp16" and device == "cpu":
         raise TrainError("train.precision=fp16 on CPU: there are no fast fp16 CPU kernels and fp16 overflows",
                          hint="use train.precision=auto (bf16 where the CPU has it, else fp32)")
