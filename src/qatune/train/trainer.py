@@ -17,6 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from qatune.train.report import perplexity
+
 
 class SeededLengthGroupedSampler(LengthGroupedSampler):
     """Length-grouped order drawn from seed + epoch, not from the global RNG, so a run resumed from
@@ -124,8 +126,7 @@ class ProgressBar(TrainerCallback):
                 self.console.print(f"step {state.global_step}/{state.max_steps}  {self._info(state)}  eta {left:.0f} s")
         if "eval_loss" in logs:
             loss = logs["eval_loss"]
-            self.console.print(f"step {state.global_step}: eval loss {loss:.4f} (perplexity "
-                               f"{torch.tensor(loss).exp().item():.2f})")
+            self.console.print(f"step {state.global_step}: eval loss {loss:.4f} (perplexity {perplexity(loss):.2f})")
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.progress is not None:
