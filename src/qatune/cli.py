@@ -97,8 +97,74 @@ def cmd_train(ns: argparse.Namespace) -> int:
     report.print_summary(result.report, console)
     if result.preview:
         report.print_preview(result.preview, console)
+    if result.evaluation:
+        from qatune.eval.report import print_summary as print_eval
+
+        print_eval(result.evaluation.report, console)
+        console.print(f"Evaluation: {result.evaluation.output_dir}/eval_report.html")
     console.print(f"Wrote {result.output_dir}/ ({', '.join(result.report['files'])})")
     return 0
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    import json
+
+    import datasets
+    from rich.console import Console
+
+    from qatune.config import load_config
+    from qatune.eval import report
+    from qatune.eval.run import ModelSpec, evaluate, tuned_spec
+
+    console = Console()
+    if ns.args[:1] == ["summarize"]:
+        return _eval_summarize(ns.args[1:], console)
+    path, overrides = _split_args(ns.args)
+    for flag, key in ((ns.data, "eval.data"), (ns.general, "eval.general")):
+        if flag:
+            overrides.append(f"{key}={json.dumps(flag)}")  # JSON is YAML: paths stay strings
+    if ns.out:
+        overrides.append(f"eval.output_dir={json.dumps(ns.out)}")
+    if ns.compare and (ns.model or ns.adapter):
+        raise EvalUsageError("give either --compare BASE TUNED or --model M [--adapter A], not both")
+    if ns.compare:
+        overrides.append(f"model={json.dumps(ns.compare[0])}")
+        config = load_config(path, overrides)
+        specs = [ModelSpec("base", ns.compare[0]), tuned_spec(ns.compare[1], ns.compare[0])]
+    else:
+        if ns.model:
+            overrides.append(f"model={json.dumps(ns.model)}")
+        config = load_config(path, overrides)
+        specs = [ModelSpec("model", config.model.name_or_path, ns.adapter)]
+    datasets.disable_progress_bars()
+    result = evaluate(config, specs, console=console)
+    report.print_summary(result.report, console)
+    console.print(f"Wrote {result.output_dir}/ ({', '.join(result.report['files'])})")
+    return 0
+
+
+def _eval_summarize(args: list[str], console) -> int:
+    from rich.table import Table
+
+    from qatune.eval.report import summarize
+
+    if len(args) != 1:
+        raise EvalUsageError("usage: qatune eval summarize SHEET.csv")
+    summary = summarize(args[0])
+    table = Table(title=f"Expert scores: {summary['sheet']}", title_justify="left")
+    for column in ("set", "model", "scored", "unscored", "mean", "median", "1", "2", "3", "4", "5"):
+        table.add_column(column, justify="left" if column in ("set", "model") else "right")
+    for g in summary["groups"]:
+        table.add_row(g["set"], g["model"], str(g["scored"]), str(g["unscored"]),
+                      "-" if g["mean"] is None else f"{g['mean']:.2f}",
+                      "-" if g["median"] is None else f"{g['median']:g}",
+                      *(str(g["distribution"][str(s)]) for s in range(1, 6)))
+    console.print(table)
+    return 0
+
+
+class EvalUsageError(QatuneError):
+    """`qatune eval` called with arguments that do not go together."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +210,26 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--model", help="model: default, a Hugging Face folder, a .gguf file or a hub id")
     trn.add_argument("--data", action="append", metavar="FILE", help="training data file or folder (repeatable)")
     trn.set_defaults(run=cmd_train)
+
+    evl = stages.add_parser(
+        "eval", help="evaluate a model, or compare base and fine-tuned (metrics, forgetting check, reports)",
+        description="qatune eval [CONFIG] [KEY=VALUE] --model M [--adapter A] --data FILE [--general FILE]\n"
+        "qatune eval [CONFIG] --compare BASE TUNED --data FILE [--general FILE]\n"
+        "qatune eval summarize review_sheet.csv\n\n"
+        "Writes eval.output_dir/: eval_report.json/.md/.html, predictions.<model>.jsonl and review_sheet.csv "
+        "(fill its score column 1-5, then run `qatune eval summarize`).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evl.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE]", help=OVERRIDES_HELP)
+    evl.add_argument("--model", help="model: default, a Hugging Face folder, a .gguf file or a hub id")
+    evl.add_argument("--adapter", help="LoRA/prefix adapter folder (a qatune train output) to put on --model")
+    evl.add_argument("--compare", nargs=2, metavar=("BASE", "TUNED"),
+                     help="evaluate BASE and TUNED (an adapter folder on BASE, or a whole model) side by side")
+    evl.add_argument("--data", action="append", metavar="FILE", help="domain evaluation set (repeatable)")
+    evl.add_argument("--general", action="append", metavar="FILE",
+                     help="general multiple-choice set for the forgetting check (repeatable)")
+    evl.add_argument("--out", metavar="DIR", help="output folder (eval.output_dir)")
+    evl.set_defaults(run=cmd_eval)
     return parser
 
 

@@ -257,18 +257,36 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    """Evaluation and generation settings."""
+    """Evaluation (`qatune eval`, or after training) and the decoding of generated answers."""
 
+    data: list[SourceConfig] = Field(
+        default_factory=list,
+        description="Domain evaluation sets (Q&A in any data format, or multiple choice). After training, "
+        "empty means data.eval_sources, else the held-out split.",
+    )
+    general: list[SourceConfig] = Field(
+        default_factory=list,
+        description="General multiple-choice sets (`question`, `choices`, `answer`) for the forgetting check.",
+    )
+    max_samples: int | None = Field(None, ge=1, description="Evaluate at most this many items per set.")
     max_new_tokens: int = Field(256, ge=1, description="Longest generated answer.")
     batch_size: int = Field(8, ge=1, description="Questions generated together.")
     temperature: float = Field(0.0, ge=0, description="0 is greedy decoding.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling share (with temperature above 0).")
     repetition_penalty: float = Field(
         1.0, ge=1.0, description="Above 1 discourages repeating tokens (1.1-1.3 helps small models); 1 is off."
     )
     forgetting_threshold: float = Field(
-        0.02, ge=0, description="Warn when general accuracy falls by more than this (absolute)."
+        2.0, ge=0, description="Warn when general accuracy falls by more than this many points (0-100 scale)."
     )
-    after_train: bool = Field(False, description="Run evaluation at the end of `qatune train`.")
+    side_by_side: int = Field(20, ge=0, description="Questions shown with base and tuned answers in the report.")
+    after_train: bool = Field(False, description="Compare base and tuned model at the end of `qatune train`.")
+    output_dir: str = Field("outputs/eval", description="Where `qatune eval` writes its reports and predictions.")
+
+    @field_validator("data", "general", mode="before")
+    @classmethod
+    def _source_list(cls, v: Any) -> Any:
+        return [_source_shorthand(s) for s in v] if isinstance(v, list) else [_source_shorthand(v)]
 
 
 class ServeConfig(Section):

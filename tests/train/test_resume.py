@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from qatune.train.run import complete_checkpoints, train
-from tests.conftest import REPO
-from tests.train.conftest import tiny_config
+from tests.conftest import REPO, tiny_config
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from qatune.errors import ConfigError
 from qatune.models import load_model
 from qatune.train.methods import MethodError
 from qatune.train.run import TrainError, complete_checkpoints, train
-from tests.train.conftest import tiny_config
+from tests.conftest import tiny_config
 
 
 def state_dict(model) -> dict[str, torch.Tensor]:

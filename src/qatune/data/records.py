@@ -63,14 +63,15 @@ class DropLog:
     """Every dropped record with its reason, source and location: nothing disappears silently."""
 
     drops: list[Drop] = field(default_factory=list)
+    reasons: tuple[str, ...] = DROP_REASONS  # the known reasons, in report order
 
     def add(self, reason: str, source: str, location: Location | str, detail: str = "") -> None:
-        assert reason in DROP_REASONS, reason
+        assert reason in self.reasons, reason
         self.drops.append(Drop(reason, source, str(location), detail))
 
     def by_reason(self) -> dict[str, int]:
         counts = Counter(d.reason for d in self.drops)
-        return {r: counts[r] for r in DROP_REASONS if counts[r]}
+        return {r: counts[r] for r in self.reasons if counts[r]}
 
     def by_source(self) -> dict[str, dict[str, int]]:
         out: dict[str, Counter] = {}

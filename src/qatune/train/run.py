@@ -8,6 +8,7 @@ training chat template, generation config that stops at end-of-turn, report and 
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from qatune.errors import QatuneError
 from qatune.train import report as train_report
 
 if TYPE_CHECKING:
+    from qatune.eval.run import EvalResult
     from rich.console import Console
 
 CONFIG_FILE = "config.yaml"
@@ -51,6 +53,7 @@ class TrainResult:
     interrupted: bool = False
     checkpoint: Path | None = None  # the checkpoint to resume from after an interruption
     preview: list[dict[str, str]] = field(default_factory=list)
+    evaluation: "EvalResult | None" = None  # with eval.after_train
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,6 +186,9 @@ def train(config: QatuneConfig, console: "Console | None" = None) -> TrainResult
     if data.validation is None and cfg.early_stopping_patience:
         raise TrainError("train.early_stopping_patience needs eval data, and this dataset has none",
                          hint="set data.val_size above 0 or add data.eval_sources")
+    if config.eval.after_train and not config.eval.data and data.validation is None:
+        raise TrainError("eval.after_train has nothing to evaluate: no eval.data and no held-out split",
+                         hint="set eval.data, data.eval_sources or data.val_size above 0")
     tokenizer = load_tokenizer(config.model)
     template = resolve_template(tokenizer, config.data.template)
 
@@ -271,9 +277,36 @@ def train(config: QatuneConfig, console: "Console | None" = None) -> TrainResult
     }
     train_report.save_loss_plot(log, out / train_report.LOSS_PLOT_FILE,
                                 f"{config.method.name} on {config.model.name_or_path}")
+    evaluation = None
+    if config.eval.after_train:
+        del trainer, model, unwrapped  # the evaluation loads base and tuned model afresh
+        gc.collect()
+        evaluation = _evaluate_after_train(config, data.validation, out, console)
+        report["evaluation"] = {"report": str(evaluation.output_dir / "eval_report.json"),
+                                "deltas": evaluation.report.get("deltas", {}),
+                                "forgetting_warnings": evaluation.report["forgetting"]["warnings"]}
     report["files"] = sorted({p.name for p in out.iterdir()} | {train_report.REPORT_FILE})
     (out / train_report.REPORT_FILE).write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
-    return TrainResult(out, report, preview=preview)
+    return TrainResult(out, report, preview=preview, evaluation=evaluation)
+
+
+def _evaluate_after_train(config: QatuneConfig, validation: Any, out: Path, console: "Console") -> "EvalResult":
+    """Base against tuned on eval.data (else the held-out split) and eval.general, into OUT/eval/."""
+    from qatune.data.records import Conversation
+    from qatune.errors import Location
+    from qatune.eval.run import ModelSpec, evaluate, load_sets, tuned_spec
+    from qatune.eval.sets import set_from_conversations
+
+    cfg = config.eval.model_copy(update={"output_dir": str(out / "eval")})
+    sets = load_sets(cfg, config.data.encoding)
+    if not cfg.data:  # train() checked that a held-out split exists
+        rows = validation.select(range(min(cfg.max_samples or len(validation), len(validation))))
+        held_out = [Conversation(m, source, Location(str(loc))) for m, source, loc
+                    in zip(rows["messages"], rows["source"], rows["location"])]
+        sets.insert(0, set_from_conversations("held_out", held_out))
+    console.print(f"Evaluating base against tuned (eval.after_train) into {cfg.output_dir}/")
+    specs = [ModelSpec("base", config.model.name_or_path), tuned_spec(str(out), config.model.name_or_path)]
+    return evaluate(config.model_copy(update={"eval": cfg}), specs, sets, console)
 
 
 def training_arguments(config: QatuneConfig, precision: str, device: str, train_samples: int,
@@ -358,6 +391,7 @@ def _answers(model: Any, tokenizer: Any, template: Any, rows: list[dict[str, Any
     # An adapter's base answers come from the same model with the adapter switched off.
     off = model.disable_adapter() if base and hasattr(model, "disable_adapter") else nullcontext()
     with off:
-        return generate(model, tokenizer, template.source, [r["prompt"] for r in rows],
-                        Decoding(max_new_tokens=config.eval.max_new_tokens, temperature=config.eval.temperature,
-                                 repetition_penalty=config.eval.repetition_penalty), template.end_of_turn_id)
+        answers = generate(model, tokenizer, template.source, [r["prompt"] for r in rows],
+                           Decoding.from_config(config.eval), template.end_of_turn_id,
+                           config.eval.batch_size)
+    return [a.text for a in answers]

@@ -1,0 +1,1 @@
+"""The evaluation stage: `evaluate(config, specs) -> EvalResult` (see run.py)."""

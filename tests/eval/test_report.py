@@ -1,0 +1,69 @@
+"""The expert review sheet round trip and the forgetting check's warning."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from qatune.eval.report import REVIEW_SHEET, summarize, write_review_sheet
+from qatune.eval.run import forgetting_check
+from qatune.eval.sets import ChoiceItem, EvalError, EvalSet
+
+
+def _predictions():
+    row = {"set": "zh", "question": "什么是高血压？", "reference": "动脉血压持续升高。"}
+    return {"base": [{**row, "id": "a:1", "prediction": "不知道"}, {**row, "id": "a:2", "prediction": "血压高"}],
+            "tuned": [{**row, "id": "a:1", "prediction": "动脉血压升高"}, {**row, "id": "a:2", "prediction": "是病"}]}
+
+
+def _fill(path, scores):
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row, score in zip(rows, scores):
+        row["score"] = score
+    with path.open("w", encoding="utf-8-sig", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_review_sheet_opens_in_excel_and_summarizes(tmp_path):
+    sheet = tmp_path / REVIEW_SHEET
+    write_review_sheet(_predictions(), sheet)
+    assert sheet.read_bytes().startswith(b"\xef\xbb\xbf")  # BOM: Excel shows the Chinese
+    with sheet.open(encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows] == ["base", "base", "tuned", "tuned"]
+    assert rows[2]["answer"] == "动脉血压升高" and all(r["score"] == "" for r in rows)
+
+    _fill(sheet, ["1", "3", "5", ""])
+    summary = {g["model"]: g for g in summarize(sheet)["groups"]}
+    assert summary["base"]["mean"] == 2 and summary["base"]["scored"] == 2
+    assert summary["tuned"]["mean"] == 5 and summary["tuned"]["unscored"] == 1
+    assert summary["base"]["distribution"] == {"1": 1, "2": 0, "3": 1, "4": 0, "5": 0}
+
+
+def test_invalid_score_names_its_row(tmp_path):
+    sheet = tmp_path / REVIEW_SHEET
+    write_review_sheet(_predictions(), sheet)
+    _fill(sheet, ["4", "7"])
+    with pytest.raises(EvalError, match=r"review_sheet.csv, line 3, field 'score': score '7' is not a whole number"):
+        summarize(sheet)
+    _fill(sheet, ["", "", "", ""])
+    with pytest.raises(EvalError, match="no row has a score yet"):
+        summarize(sheet)
+
+
+def test_forgetting_warning_when_general_accuracy_falls():
+    general = EvalSet("mmlu", "general", choice=[ChoiceItem(str(i), "q", ["a", "b"], 0) for i in range(10)])
+    def rows(correct):
+        return [{"set": "mmlu", "id": str(i), "correct": c} for i, c in enumerate(correct)]
+    predictions = {"base": rows([True] * 6 + [False] * 4), "tuned": rows([True] * 4 + [False] * 5 + [True])}
+    scores = {"mmlu": {"base": {"accuracy": 60.0}, "tuned": {"accuracy": 50.0}}}
+    result = forgetting_check([general], predictions, scores, threshold=2.0)
+    assert result["sets"]["mmlu"] == {"base": 60.0, "tuned": 50.0, "drop": 10.0, "items": 10,
+                                      "right_to_wrong": 2, "wrong_to_right": 1}
+    assert len(result["warnings"]) == 1 and "fell 10.0 points" in result["warnings"][0]
+    assert forgetting_check([general], predictions, scores, threshold=10.0)["warnings"] == []
+    assert forgetting_check([], predictions, scores, threshold=2.0)["checked"] is False
