@@ -54,7 +54,7 @@ def main() -> int:
     import torch
     import transformers
 
-    from qatune.config import ModelConfig
+    from qatune.config import EvalConfig, ModelConfig
     from qatune.data.templates import resolve_template
     from qatune.infer.generation import Decoding, generate, stop_token_ids
     from qatune.models import compute_dtype, load_model, load_tokenizer
@@ -62,7 +62,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
     parser.add_argument("--questions", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=EvalConfig().batch_size, help="default: eval.batch_size")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()

@@ -44,6 +44,17 @@ def test_review_sheet_opens_in_excel_and_summarizes(tmp_path):
     assert summary["base"]["distribution"] == {"1": 1, "2": 0, "3": 1, "4": 0, "5": 0}
 
 
+def test_summarize_command_prints_the_table(tmp_path, capsys):
+    from qatune.cli import main
+
+    sheet = tmp_path / REVIEW_SHEET
+    write_review_sheet(_predictions(), sheet)
+    _fill(sheet, ["2", "4", "5", "5"])
+    assert main(["eval", "summarize", str(sheet)]) == 0
+    printed = capsys.readouterr().out
+    assert "base" in printed and "3.00" in printed and "5.00" in printed
+
+
 def test_invalid_score_names_its_row(tmp_path):
     sheet = tmp_path / REVIEW_SHEET
     write_review_sheet(_predictions(), sheet)

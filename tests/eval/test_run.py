@@ -96,6 +96,9 @@ def test_single_model_eval_on_a_tiny_model(tiny_model_dir, qa_file, tmp_path):
     report = result.report
     assert "deltas" not in report and "forgetting" not in report
     assert report["scores"]["qa"]["model"]["answers"] == 5
+    rows = [r for r in result.predictions["model"] if "prediction" in r]
+    assert report["scores"]["qa"]["model"]["empty_answers"] == sum(1 for r in rows if not r["prediction"])
+    assert all(r["scores"]["bleu4"] == 0.0 for r in rows if not r["prediction"])  # scored, not dropped
     assert report["scores"]["mcq"]["model"]["choice_items"] == 1
     assert report["sets"][1]["skipped"] == {"bad_answer": 1}
     assert report["sets"][1]["skipped_items"][0]["location"].endswith("line 2, field 'answer'")

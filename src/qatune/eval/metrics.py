@@ -25,9 +25,15 @@ TEXT_METRICS = ("bleu4", "rouge1", "rouge2", "rougeL", "exact_match", "token_f1"
 METHODS = {
     "bleu4": "sacrebleu sentence BLEU-4, smooth=exp (nltk method3), tokenize zh (Chinese) / 13a (English), "
              "mean over answers x100",
-    "rouge": "rouge-chinese F1 on jieba words (Chinese) / lower-cased words (English), mean over answers x100",
+    "rouge": "rouge-chinese F1 (distinct n-grams, summary-level LCS) on jieba words (Chinese) / lower-cased "
+             "words (English), mean over answers x100",
     "exact_match": "SQuAD normalisation; Chinese by character; mean x100",
     "token_f1": "SQuAD token F1; Chinese by character; mean x100",
+    "perplexity": "exp of the token-weighted mean loss on the reference answers (assistant tokens and "
+                  "end-of-turn, as trained)",
+    "accuracy": "multiple choice by the log-likelihood of each choice's text after the question (cloze); "
+                "`accuracy` per character (lm-evaluation-harness acc_norm), `accuracy_raw` in total (acc)",
+    "latency": "per answer, generated in batches: from the start of its batch to its last token",
 }
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af]")

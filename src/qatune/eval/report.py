@@ -28,6 +28,7 @@ REPORT_MD = "eval_report.md"
 REPORT_HTML = "eval_report.html"
 REVIEW_SHEET = "review_sheet.csv"
 SHEET_COLUMNS = ("set", "id", "model", "question", "reference", "answer", "score", "comment")
+LOWER_IS_BETTER = ("perplexity", "latency_p50_s", "latency_p95_s", "empty_answers")
 CHART_METRICS = ("bleu4", "rouge1", "rouge2", "rougeL", "token_f1", "exact_match", "accuracy")
 
 
@@ -198,21 +199,22 @@ def _chart(report: dict[str, Any], set_name: str) -> str:
     shown = [m for m in CHART_METRICS if by_model[labels[0]].get(m) is not None]
     if not shown:
         return ""
-    plt.rcParams["svg.fonttype"] = "none"  # text stays text: the browser draws any script, Chinese included
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(shown), 3.2))
-    width = 0.8 / len(labels)
-    for k, label in enumerate(labels):
-        xs = [i + (k - (len(labels) - 1) / 2) * width for i in range(len(shown))]
-        bars = ax.bar(xs, [by_model[label][m] for m in shown], width, label=label)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    ax.set_xticks(range(len(shown)), shown)
-    ax.set_ylabel("score (0-100)")
-    ax.legend(fontsize=8)
-    ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    buffer = io.StringIO()
-    fig.savefig(buffer, format="svg")
-    plt.close(fig)
+    # Text stays text in the SVG: the browser draws any script, Chinese set names included.
+    with plt.rc_context({"svg.fonttype": "none"}):
+        fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(shown), 3.2))
+        width = 0.8 / len(labels)
+        for k, label in enumerate(labels):
+            xs = [i + (k - (len(labels) - 1) / 2) * width for i in range(len(shown))]
+            bars = ax.bar(xs, [by_model[label][m] for m in shown], width, label=label)
+            ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ax.set_xticks(range(len(shown)), shown)
+        ax.set_ylabel("score (0-100)")
+        ax.legend(fontsize=8)
+        ax.spines[["top", "right"]].set_visible(False)
+        fig.tight_layout()
+        buffer = io.StringIO()
+        fig.savefig(buffer, format="svg")
+        plt.close(fig)
     svg = buffer.getvalue()
     return svg[svg.index("<svg"):]
 
@@ -241,8 +243,9 @@ def html_page(report: dict[str, Any]) -> str:
         parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in _header(report)) + "</tr>")
         for row in _metric_rows(report, s["name"]):
             cells = [f"<td>{e(row[0])}</td>"] + [f"<td class='num'>{e(c)}</td>" for c in row[1:]]
-            if "deltas" in report and row[-1]:
-                cells[-1] = f"<td class='num {'pos' if row[-1].startswith('+') else 'neg'}'>{e(row[-1])}</td>"
+            if "deltas" in report and row[-1] and float(row[-1]) != 0:
+                better = row[-1].startswith("+") != (row[0] in LOWER_IS_BETTER)
+                cells[-1] = f"<td class='num {'pos' if better else 'neg'}'>{e(row[-1])}</td>"
             parts.append("<tr>" + "".join(cells) + "</tr>")
         parts.append("</table>" + _chart(report, s["name"]))
     if report.get("side_by_side"):

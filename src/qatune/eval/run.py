@@ -109,22 +109,17 @@ def evaluate(config: QatuneConfig, specs: list[ModelSpec], sets: list[EvalSet] |
         "device": device, "dtype": str(dtype).removeprefix("torch."),
         "decoding": {k: getattr(cfg, k) for k in ("max_new_tokens", "temperature", "top_p", "repetition_penalty",
                                                    "batch_size")},
-        "methods": {**metrics.METHODS, "bleu_signatures": metrics.bleu_signatures(),
-                    "perplexity": "exp of the token-weighted mean loss on reference answers (assistant tokens "
-                                  "and end-of-turn, as trained)",
-                    "accuracy": "multiple choice by log-likelihood of each choice's text after the question "
-                                "(cloze); `accuracy` per character (harness acc_norm), `accuracy_raw` total (acc)",
-                    "latency": "per answer, generated in batches: the wall time of the answer's batch"},
+        "methods": {**metrics.METHODS, "bleu_signatures": metrics.bleu_signatures()},
         "sets": [{"name": s.name, "role": s.role, "qa_items": len(s.qa), "choice_items": len(s.choice),
                   "skipped": s.skipped.by_reason(),
                   "skipped_items": [dataclasses.asdict(d) for d in s.skipped.drops]} for s in sets],
         "scores": scores,
     }
-    if len(specs) == 2:
+    if [s.label for s in specs] == ["base", "tuned"]:
         report["deltas"] = {name: _deltas(by_model["base"], by_model["tuned"]) for name, by_model in scores.items()}
         report["forgetting"] = forgetting_check(sets, predictions, scores, cfg.forgetting_threshold)
         report["side_by_side"] = _side_by_side(predictions, cfg.side_by_side)
-    report["files"] = eval_report.write_all(report, predictions, out)
+    eval_report.write_all(report, predictions, out)  # adds report["files"]
     return EvalResult(out, report, predictions)
 
 

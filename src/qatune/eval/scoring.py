@@ -22,40 +22,27 @@ def labelled_logprobs(model: "PreTrainedModel", samples: list[tuple[list[int], l
     """For each (input_ids, labels): the summed log-probability of tokens whose label is not ignored, and their count."""
     import torch
 
+    from qatune.infer.generation import evaluating, left_pad, length_sorted_batches
+
     results: list[tuple[float, int] | None] = [None] * len(samples)
-    order = sorted(range(len(samples)), key=lambda i: -len(samples[i][0]))
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            longest = max(len(samples[i][0]) for i in rows)
-            ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-            labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros((len(rows), longest), dtype=torch.long)
-            for r, i in enumerate(rows):
-                seq, lab = samples[i]
-                ids[r, longest - len(seq):] = torch.tensor(seq)
-                labels[r, longest - len(seq):] = torch.tensor(lab)
-                mask[r, longest - len(seq):] = 1
+    with evaluating(model) as device:
+        for rows in length_sorted_batches([len(ids) for ids, _ in samples], batch_size):
+            ids = left_pad([samples[i][0] for i in rows], pad_id)
+            labels = left_pad([samples[i][1] for i in rows], IGNORE_INDEX)
+            mask = left_pad([[1] * len(samples[i][0]) for i in rows], 0)
+            longest = ids.shape[1]
             labelled = (labels != IGNORE_INDEX).nonzero()
             # Logits at position t predict token t+1: keep from one before the first labelled token.
             keep = longest - int(labelled[:, 1].min()) + 1 if len(labelled) else 1
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            with torch.no_grad():
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                               position_ids=positions.to(device), logits_to_keep=keep).logits.float()
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           position_ids=positions.to(device), logits_to_keep=keep).logits.float()
             logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
             targets = labels[:, longest - keep + 1:].to(device)
             picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             valid = targets != IGNORE_INDEX
-            sums = (picked * valid).sum(-1).tolist()
-            counts = valid.sum(-1).tolist()
-            for r, i in enumerate(rows):
-                results[i] = (sums[r], counts[r])
-    finally:
-        model.train(was_training)
+            for i, total, count in zip(rows, (picked * valid).sum(-1).tolist(), valid.sum(-1).tolist()):
+                results[i] = (total, count)
     return results
 
 

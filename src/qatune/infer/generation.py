@@ -7,12 +7,16 @@ that learned `<|im_end|>` stops there instead of rambling on.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qatune.data.templates import render
 
 if TYPE_CHECKING:
+    import torch
     from qatune.config import EvalConfig
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -33,7 +37,55 @@ class Decoding:
 class Answer:
     text: str
     new_tokens: int  # generated tokens, the stop token included
-    seconds: float  # wall time of the batch that produced it (answers in one batch finish together)
+    seconds: float  # from the start of its batch to its last token
+
+
+def length_sorted_batches(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
+    """Indices in batches of similar length, longest first: a batch holds little padding, and an
+    out-of-memory error, if any, comes with the first batch."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
+
+
+def left_pad(rows: list[list[int]], value: int) -> "torch.Tensor":
+    """Rows padded on the left to the longest: every row ends at the last position."""
+    import torch
+
+    longest = max(len(r) for r in rows)
+    return torch.tensor([[value] * (longest - len(r)) + r for r in rows])
+
+
+@contextmanager
+def evaluating(model: "PreTrainedModel") -> Iterator["torch.device"]:
+    """Eval mode (no dropout) and no gradients for the block; the model's mode is restored after. Yields its device."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield next(model.parameters()).device
+    finally:
+        model.train(was_training)
+
+
+class _StepClock:
+    """A stopping criterion that never stops: it notes when each token of a batch was generated."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: "torch.Tensor", scores: "torch.Tensor", **kwargs: object) -> "torch.Tensor":
+        import torch
+
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def seconds_until(self, tokens: int) -> float:
+        """Time from the start of generation to the `tokens`-th token of a row."""
+        return self.times[min(tokens, len(self.times)) - 1] - self.started if self.times else 0.0
 
 
 def stop_token_ids(tokenizer: "PreTrainedTokenizerBase", end_of_turn_id: int | None = None) -> list[int]:
@@ -48,10 +100,6 @@ def generate(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", tem
 
     Prompts are batched by length (longest first) so that a batch holds little padding.
     """
-    import time
-
-    import torch
-
     stops = stop_token_ids(tokenizer, end_of_turn_id)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     encoded = [tokenizer.encode(render(tokenizer, template, p, add_generation_prompt=True), add_special_tokens=False)
@@ -64,26 +112,16 @@ def generate(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", tem
     else:  # silence the model's own sampling defaults, which greedy decoding ignores anyway
         options.update(temperature=None, top_p=None, top_k=None)
     answers: list[Answer | None] = [None] * len(encoded)
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            chunk = [encoded[i] for i in rows]
-            longest = max(len(ids) for ids in chunk)
-            input_ids = torch.tensor([[pad_id] * (longest - len(ids)) + ids for ids in chunk], device=device)
-            mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
-            started = time.perf_counter()
-            with torch.no_grad():
-                out = model.generate(input_ids=input_ids, attention_mask=mask, **options)
-            seconds = time.perf_counter() - started
-            for index, row in zip(rows, out[:, longest:].tolist()):
+    with evaluating(model) as device:
+        for rows in length_sorted_batches([len(ids) for ids in encoded], batch_size):
+            input_ids = left_pad([encoded[i] for i in rows], pad_id).to(device)
+            mask = left_pad([[1] * len(encoded[i]) for i in rows], 0).to(device)
+            clock = _StepClock()
+            out = model.generate(input_ids=input_ids, attention_mask=mask, stopping_criteria=[clock], **options)
+            for index, row in zip(rows, out[:, input_ids.shape[1]:].tolist()):
                 cut = next((i for i, t in enumerate(row) if t in stops), len(row))
                 # A cut at max_new_tokens can split a multi-byte character: drop the replacement mark.
                 text = tokenizer.decode(row[:cut], skip_special_tokens=True).strip().rstrip("\ufffd")
-                answers[index] = Answer(text, min(cut + 1, len(row)), seconds)
-    finally:
-        model.train(was_training)
+                new_tokens = min(cut + 1, len(row))
+                answers[index] = Answer(text, new_tokens, clock.seconds_until(new_tokens))
     return answers

@@ -277,6 +277,7 @@ def train(config: QatuneConfig, console: "Console | None" = None) -> TrainResult
     }
     train_report.save_loss_plot(log, out / train_report.LOSS_PLOT_FILE,
                                 f"{config.method.name} on {config.model.name_or_path}")
+    _write_report(report, out)  # the run is complete before any evaluation starts
     evaluation = None
     if config.eval.after_train:
         del trainer, model, unwrapped  # the evaluation loads base and tuned model afresh
@@ -285,9 +286,13 @@ def train(config: QatuneConfig, console: "Console | None" = None) -> TrainResult
         report["evaluation"] = {"report": str(evaluation.output_dir / "eval_report.json"),
                                 "deltas": evaluation.report.get("deltas", {}),
                                 "forgetting_warnings": evaluation.report["forgetting"]["warnings"]}
+        _write_report(report, out)
+    return TrainResult(out, report, preview=preview, evaluation=evaluation)
+
+
+def _write_report(report: dict[str, Any], out: Path) -> None:
     report["files"] = sorted({p.name for p in out.iterdir()} | {train_report.REPORT_FILE})
     (out / train_report.REPORT_FILE).write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
-    return TrainResult(out, report, preview=preview, evaluation=evaluation)
 
 
 def _evaluate_after_train(config: QatuneConfig, validation: Any, out: Path, console: "Console") -> "EvalResult":
