@@ -271,7 +271,7 @@ class EvalConfig(Section):
     max_samples: int | None = Field(None, ge=1, description="Evaluate at most this many items per set.")
     max_new_tokens: int = Field(256, ge=1, description="Longest generated answer.")
     batch_size: int = Field(
-        16, ge=1, description="Questions generated together (measured on CPU: 3.3x one at a time at 8, 4.0x at 16)."
+        16, ge=1, description="Questions generated together (measured on CPU: 3.3x one at a time at 8, 4.3x at 16)."
     )
     temperature: float = Field(0.0, ge=0, description="0 is greedy decoding.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling share (with temperature above 0).")
