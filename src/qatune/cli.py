@@ -163,8 +163,40 @@ def _eval_summarize(args: list[str], console) -> int:
     return 0
 
 
+def cmd_export(ns: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    from qatune.config import load_config
+    from qatune.export.run import export, print_summary
+
+    path, overrides = _split_args(ns.args)
+    for value, key in ((ns.model, "model"), (ns.adapter, "export.adapter"), (ns.out, "export.output_dir"),
+                       (ns.gguf, "export.gguf"), (ns.quantize, "export.quantize")):
+        if value:
+            overrides.append(f"{key}={json.dumps(value)}")  # JSON is YAML: paths stay strings
+    if ns.force:
+        overrides.append("export.overwrite=true")
+    console = Console()
+    result = export(load_config(path, overrides), console)
+    print_summary(result.report, console)
+    console.print(f"Wrote {result.output_dir}/ (report: {result.output_dir}/export_report.json)")
+    return 0
+
+
 class EvalUsageError(QatuneError):
     """`qatune eval` called with arguments that do not go together."""
+
+
+def _stage_parser(stages: argparse._SubParsersAction, name: str, summary: str,
+                  description: str) -> argparse.ArgumentParser:
+    """A stage command: `[CONFIG] [KEY=VALUE ...]` and `--model`, like every stage."""
+    parser = stages.add_parser(name, help=summary, description=description,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE]", help=OVERRIDES_HELP)
+    parser.add_argument("--model", help="model: default, a Hugging Face folder, a .gguf file or a hub id")
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,28 +232,23 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--encoding", default="utf-8", help="text encoding, e.g. gb18030")
     chk.set_defaults(run=cmd_data_check)
 
-    trn = stages.add_parser(
-        "train", help="fine-tune a model on your data (lora, qlora, full, freeze, prefix)",
-        description="Prepares the data (or reuses it when unchanged), trains, and writes train.output_dir/: "
+    trn = _stage_parser(
+        stages, "train", "fine-tune a model on your data (lora, qlora, full, freeze, prefix)",
+        "Prepares the data (or reuses it when unchanged), trains, and writes train.output_dir/: "
         "adapter or weights (safetensors), tokenizer, config.yaml, train_report.json, loss_curve.png, "
         "checkpoints and TensorBoard logs. Ctrl-C saves a checkpoint; train.resume=true continues.",
     )
-    trn.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE]", help=OVERRIDES_HELP)
-    trn.add_argument("--model", help="model: default, a Hugging Face folder, a .gguf file or a hub id")
     trn.add_argument("--data", action="append", metavar="FILE", help="training data file or folder (repeatable)")
     trn.set_defaults(run=cmd_train)
 
-    evl = stages.add_parser(
-        "eval", help="evaluate a model, or compare base and fine-tuned (metrics, forgetting check, reports)",
-        description="qatune eval [CONFIG] [KEY=VALUE] --model M [--adapter A] --data FILE [--general FILE]\n"
+    evl = _stage_parser(
+        stages, "eval", "evaluate a model, or compare base and fine-tuned (metrics, forgetting check, reports)",
+        "qatune eval [CONFIG] [KEY=VALUE] --model M [--adapter A] --data FILE [--general FILE]\n"
         "qatune eval [CONFIG] --compare BASE TUNED --data FILE [--general FILE]\n"
         "qatune eval summarize review_sheet.csv\n\n"
         "Writes eval.output_dir/: eval_report.json/.md/.html, predictions.<model>.jsonl and review_sheet.csv "
         "(fill its score column 1-5, then run `qatune eval summarize`).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    evl.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE]", help=OVERRIDES_HELP)
-    evl.add_argument("--model", help="model: default, a Hugging Face folder, a .gguf file or a hub id")
     evl.add_argument("--adapter", help="LoRA/prefix adapter folder (a qatune train output) to put on --model")
     evl.add_argument("--compare", nargs=2, metavar=("BASE", "TUNED"),
                      help="evaluate BASE and TUNED (an adapter folder on BASE, or a whole model) side by side")
@@ -230,10 +257,31 @@ def build_parser() -> argparse.ArgumentParser:
                      help="general multiple-choice set for the forgetting check (repeatable)")
     evl.add_argument("--out", metavar="DIR", help="output folder (eval.output_dir)")
     evl.set_defaults(run=cmd_eval)
+
+    exp = _stage_parser(
+        stages, "export", "merge an adapter, write a Hugging Face folder, GGUF (llama.cpp, Ollama) or a quantized copy",
+        "qatune export --model M --adapter A --out DIR [--gguf f16|q8_0] [--quantize int8|bnb-8bit|bnb-4bit]"
+        "\n\nWrites DIR/: merged safetensors (sharded), config, tokenizer with its chat template, generation config; "
+        "model-<type>.gguf and an Ollama Modelfile; int8/ or bnb-*/ quantized copies; export_report.json with a "
+        "greedy-answer check of every form against base + adapter.",
+    )
+    exp.add_argument("--adapter", help="LoRA adapter folder to merge (a qatune train output)")
+    exp.add_argument("--out", metavar="DIR", help="output folder (export.output_dir); must be empty")
+    exp.add_argument("--gguf", choices=["f16", "q8_0"], help="also write a GGUF file and an Ollama Modelfile")
+    exp.add_argument("--quantize", choices=["int8", "bnb-8bit", "bnb-4bit"],
+                     help="also write a quantized copy (int8 on CPU; bnb-* on a CUDA GPU)")
+    exp.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    exp.set_defaults(run=cmd_export)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import logging
+
+    # torchao (for --quantize int8), once installed, is imported by transformers and logs its CUDA-kernel
+    # probes, and torch complains about how it registers enums: noise for every command.
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     ns = build_parser().parse_args(argv)
     try:
         return ns.run(ns)

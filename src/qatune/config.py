@@ -301,6 +301,29 @@ class ServeConfig(Section):
     max_tokens: int = Field(512, ge=1, description="Largest accepted `max_tokens`.")
 
 
+class ExportConfig(Section):
+    """`qatune export`: merged weights, GGUF, quantized copies."""
+
+    adapter: str | None = Field(None, description="Adapter folder (a lora/qlora training output) to merge into the model.")
+    output_dir: str = Field("outputs/export", description="Folder to write; it must be empty unless `overwrite`.")
+    overwrite: bool = Field(False, description="Replace a non-empty output folder (`--force`).")
+    gguf: Literal["f16", "q8_0"] | None = Field(
+        None, description="Also write a GGUF file for llama.cpp and Ollama (with a Modelfile): f16 or q8_0."
+    )
+    quantize: Literal["int8", "bnb-8bit", "bnb-4bit"] | None = Field(
+        None, description="Also write a quantized copy: int8 (torchao dynamic, CPU), bnb-8bit or bnb-4bit (CUDA)."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Dtype of the merged safetensors; `auto` keeps the base model's own."
+    )
+    max_shard_size: str = Field("2GB", description="Split safetensors files above this size.")
+    check_questions: list[str] = Field(
+        default_factory=lambda: ["What should I do when I have a fever?", "感冒了应该注意什么？"],
+        description="Questions answered greedily by every exported form and compared with base + adapter.",
+    )
+    check_max_new_tokens: int = Field(32, ge=1, description="Length of the check answers.")
+
+
 class QatuneConfig(Section):
     """The whole resolved config: one section per stage."""
 
@@ -310,6 +333,7 @@ class QatuneConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="Export.")
 
     @field_validator("model", mode="before")
     @classmethod

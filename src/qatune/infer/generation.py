@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 from qatune.data.templates import render
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
     from qatune.config import EvalConfig
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -125,3 +127,12 @@ def generate(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", tem
                 new_tokens = min(cut + 1, len(row))
                 answers[index] = Answer(text, new_tokens, clock.seconds_until(new_tokens))
     return answers
+
+
+def save_generation_config(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", end_of_turn_id: int,
+                           folder: "str | Path") -> None:
+    """Stop at the template's end-of-turn (and eos): the usual cause of endless answers after tuning."""
+    generation = model.generation_config
+    generation.eos_token_id = stop_token_ids(tokenizer, end_of_turn_id)
+    generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_id
+    generation.save_pretrained(str(folder))

@@ -38,7 +38,7 @@ RESUMABLE_CHANGES = (
     "train.resume", "train.overwrite_output_dir", "train.num_epochs", "train.max_steps", "train.eval_steps",
     "train.save_steps", "train.save_total_limit", "train.logging_steps", "train.report_to", "train.eval_at_start",
     "train.early_stopping_patience", "train.early_stopping_threshold", "train.preview_questions",
-    "data.output_dir", "eval.", "serve.",
+    "data.output_dir", "eval.", "serve.", "export.",
 )
 
 
@@ -165,6 +165,7 @@ def train(config: QatuneConfig, console: "Console | None" = None) -> TrainResult
 
     from qatune.data.prepare import prepare_or_reuse
     from qatune.data.templates import resolve_template
+    from qatune.infer.generation import save_generation_config
     from qatune.models import load_tokenizer
     from qatune.train.collator import PaddingCollator
     from qatune.train.methods import apply_method, check_method_here, load_for_method, summarize
@@ -249,7 +250,7 @@ def train(config: QatuneConfig, console: "Console | None" = None) -> TrainResult
     trainer.save_model(str(out))
     tokenizer.chat_template = template.source  # the template the model learned, even a named one
     tokenizer.save_pretrained(str(out))
-    _save_generation_config(unwrapped, tokenizer, template.end_of_turn_id, out)
+    save_generation_config(unwrapped, tokenizer, template.end_of_turn_id, out)
     if preview:
         tuned = _answers(unwrapped, tokenizer, template, preview, config, base=False)
         for row, answer in zip(preview, tuned):
@@ -363,16 +364,6 @@ def _peak_memory(device: str) -> dict[str, float]:
     if device == "cuda":
         peak["gpu_allocated"] = torch.cuda.max_memory_allocated() / 2**20
     return peak
-
-
-def _save_generation_config(model: Any, tokenizer: Any, end_of_turn_id: int, out: Path) -> None:
-    """Stop at the template's end-of-turn (and eos): the usual cause of endless answers after tuning."""
-    from qatune.infer.generation import stop_token_ids
-
-    generation = model.generation_config
-    generation.eos_token_id = stop_token_ids(tokenizer, end_of_turn_id)
-    generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_id
-    generation.save_pretrained(str(out))
 
 
 def _preview_rows(validation: Any, count: int) -> list[dict[str, str]]:

@@ -1,0 +1,1 @@
+"""The export stage: `export(config) -> ExportResult` (see run.py); GGUF writing in gguf.py."""

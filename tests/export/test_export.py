@@ -1,0 +1,155 @@
+"""Export: merged weights equal base + adapter, the GGUF round trip, int8, and refusals that write nothing."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from rich.console import Console
+
+from qatune.config import ModelConfig, load_config
+from qatune.errors import ModelLoadError
+from qatune.export.run import ExportError, export
+
+QUESTIONS = ["What should I do when I have a fever?", "感冒了应该注意什么？"]
+
+
+def _adapter(folder, base_loader, seed=0):
+    """A small random (non-zero) LoRA adapter saved like a qatune train output."""
+    from peft import LoraConfig, get_peft_model
+
+    from qatune.models import load_tokenizer
+
+    torch.manual_seed(seed)
+    model = get_peft_model(base_loader(), LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                     init_lora_weights=False))
+    model.save_pretrained(folder)
+    load_tokenizer(ModelConfig()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def default_adapter(tmp_path_factory):
+    from qatune.models import load_model
+
+    return _adapter(tmp_path_factory.mktemp("adapter"), lambda: load_model(ModelConfig(), dtype=torch.float32))
+
+
+def _greedy_ids(model, tokenizer, question, new_tokens=24):
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                             temperature=None, top_p=None, top_k=None, pad_token_id=2)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def exported(default_adapter, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "merged"
+    config = load_config(None, [f"export.adapter={default_adapter}", f"export.output_dir={out}", "export.gguf=f16",
+                                "export.quantize=int8", "export.max_shard_size=200MB"])
+    return export(config, Console(file=io.StringIO()))
+
+
+@pytest.mark.slow
+def test_merged_folder_loads_plainly_and_equals_base_plus_adapter(exported, default_adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qatune.models import load_model
+
+    out = exported.output_dir
+    assert (out / "model.safetensors.index.json").is_file()  # sharded over max_shard_size
+    assert len(list(out.glob("model-*-of-*.safetensors"))) >= 2
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert "<|im_start|>" in tokenizer.chat_template
+    assert 2 in json.loads((out / "generation_config.json").read_text())["eos_token_id"]  # <|im_end|>
+    unmerged = PeftModel.from_pretrained(load_model(ModelConfig(), dtype=torch.float32), default_adapter).eval()
+    base = load_model(ModelConfig(), dtype=torch.float32).eval()
+    for question in QUESTIONS:
+        expected = _greedy_ids(unmerged, tokenizer, question)
+        assert _greedy_ids(merged, tokenizer, question) == expected  # token for token
+    assert _greedy_ids(base, tokenizer, QUESTIONS[1]) != expected  # the adapter does change the answer
+    assert exported.report["checks"]["merged"]["identical"] == 2
+
+
+@pytest.mark.slow
+def test_gguf_round_trip_and_modelfile(exported):
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = exported.output_dir
+    fields = GGUFReader(str(out / "model-f16.gguf")).fields
+    assert fields["general.architecture"].contents() == "llama"
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2" and fields["tokenizer.ggml.pre"].contents() == "smollm"
+    assert "<|im_start|>" in fields["tokenizer.chat_template"].contents()
+    from_gguf = AutoModelForCausalLM.from_pretrained(out, gguf_file="model-f16.gguf", dtype=torch.float32).eval()
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    gguf_tokenizer = AutoTokenizer.from_pretrained(out, gguf_file="model-f16.gguf")
+    assert gguf_tokenizer.encode("感冒了 fever <|im_end|>") == tokenizer.encode("感冒了 fever <|im_end|>")
+    assert _greedy_ids(from_gguf, tokenizer, QUESTIONS[0]) == _greedy_ids(merged, tokenizer, QUESTIONS[0])
+    modelfile = (out / "Modelfile").read_text()
+    assert "FROM ./model-f16.gguf" in modelfile and "<|im_start|>{{ .Role }}" in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+@pytest.mark.slow
+def test_int8_copy_answers_and_is_smaller(exported):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = exported.output_dir
+    check = exported.report["checks"]["int8"]
+    assert check["size_mib"] < 0.6 * check["merged_size_mib"]
+    assert all(a["got"].strip() for a in check["answers"])
+    model = AutoModelForCausalLM.from_pretrained(out / "int8").eval()
+    answer = AutoTokenizer.from_pretrained(out / "int8").decode(_greedy_ids(model, AutoTokenizer.from_pretrained(out),
+                                                                            QUESTIONS[0], 12))
+    assert answer.strip()
+    report = json.loads((out / "export_report.json").read_text(encoding="utf-8"))
+    assert report["files"]["int8"] > 0 and report["smoke_answer"]["answer"]
+
+
+def test_refusals_write_nothing(tiny_model_dir, tmp_path, default_adapter):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    base = [f"model={json.dumps(str(tiny_model_dir))}", f"export.output_dir={out}"]
+    with pytest.raises(ExportError, match="is not empty"):
+        export(load_config(None, base), Console(file=io.StringIO()))
+    with pytest.raises(ExportError, match="needs a CUDA GPU"):
+        export(load_config(None, base + ["export.overwrite=true", "export.quantize=bnb-4bit"]),
+               Console(file=io.StringIO()))
+    with pytest.raises(ExportError, match="not an adapter folder"):
+        export(load_config(None, base + ["export.overwrite=true", f"export.adapter={tmp_path}"]),
+               Console(file=io.StringIO()))
+    # An adapter trained on the default model does not fit the tiny one: found while loading, after staging began.
+    with pytest.raises(ModelLoadError, match="does not fit the model"):
+        export(load_config(None, base + ["export.overwrite=true", f"export.adapter={default_adapter}"]),
+               Console(file=io.StringIO()))
+    assert [p.name for p in tmp_path.iterdir() if p.name != "out"] == []  # no staging folder left
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_prefix_adapters_cannot_be_merged(tmp_path):
+    adapter = tmp_path / "prefix"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
+    with pytest.raises(ExportError, match="PREFIX_TUNING adapter cannot be merged"):
+        export(load_config(None, [f"export.adapter={adapter}", f"export.output_dir={tmp_path / 'out'}"]),
+               Console(file=io.StringIO()))
+
+
+def test_export_of_a_whole_model_without_adapter(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = export(load_config(None, [f"model={json.dumps(str(tiny_model_dir))}",
+                                       f"export.output_dir={tmp_path / 'out'}", "export.gguf=q8_0"]),
+                    Console(file=io.StringIO()))
+    assert result.report["adapter"] is None and result.report["checks"]["merged"]["identical"] == 2
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.hidden_size == 64
+    assert (tmp_path / "out" / "model-q8_0.gguf").stat().st_size > 0
