@@ -131,6 +131,9 @@ def test_refusals_write_nothing(tiny_model_dir, tmp_path, default_adapter):
     with pytest.raises(ModelLoadError, match="does not fit the model"):
         export(load_config(None, base + ["export.overwrite=true", f"export.adapter={default_adapter}"]),
                Console(file=io.StringIO()))
+    with pytest.raises(ModelLoadError, match="not found"):
+        export(load_config(None, [f"model={tmp_path / 'no-model'}", f"export.output_dir={out}",
+                                  "export.overwrite=true"]), Console(file=io.StringIO()))
     assert [p.name for p in tmp_path.iterdir() if p.name != "out"] == []  # no staging folder left
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
