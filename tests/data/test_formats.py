@@ -9,7 +9,6 @@ import pytest
 
 from qatune.config import DataConfig, SourceConfig
 from qatune.data.prepare import check, load
-from qatune.data.records import DropLog
 from qatune.errors import DataError, DataFormatError, MissingColumnError
 from tests.conftest import write_jsonl
 

@@ -234,7 +234,7 @@ def _read_csv(path: Path, encoding: str) -> Iterator[RawRecord]:
                     )
                     continue
                 yield RawRecord(loc, data=dict(zip(header, row)))
-        except UnicodeDecodeError as exc:
+        except UnicodeDecodeError:
             raise _first_undecodable_line(path, encoding) from None
         except csv.Error as exc:
             raise DataFormatError(f"malformed CSV: {exc}", Location(str(path), reader.line_num)) from None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -149,7 +149,7 @@ _OLLAMA_TEMPLATES = {
 
 def modelfile(gguf_name: str, end_of_turn: str, temperature: float = 0.7, top_p: float = 0.9) -> str:
     """An Ollama Modelfile for the GGUF beside it: `ollama create NAME -f Modelfile`."""
-    lines = [f"# ollama create my-assistant -f Modelfile && ollama run my-assistant", f"FROM ./{gguf_name}"]
+    lines = ["# ollama create my-assistant -f Modelfile && ollama run my-assistant", f"FROM ./{gguf_name}"]
     template = _OLLAMA_TEMPLATES.get(end_of_turn.strip())
     if template:
         lines.append(f'TEMPLATE """{template}"""')

@@ -86,7 +86,6 @@ def export(config: QatuneConfig, console: "Console | None" = None) -> ExportResu
     transformers.utils.logging.disable_progress_bar()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = check_request(config, device)
-    cfg = config.export
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
