@@ -7,6 +7,7 @@ and config errors answer at once.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -83,6 +84,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from qatune.train import report
     from qatune.train.run import train
 
+    if ns.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return _launch(ns.nproc, ["train", *ns.args, *(["--model", ns.model] if ns.model else []),
+                                  *(a for d in ns.data or [] for a in ("--data", d))])
     path, overrides = _split_args(ns.args)
     if ns.model:
         overrides.append(f"model={json.dumps(ns.model)}")  # JSON is YAML: paths stay strings
@@ -94,6 +98,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
     result = train(config, console)
     if result.interrupted:
         return 130
+    if not result.main:
+        return 0
     report.print_summary(result.report, console)
     if result.preview:
         report.print_preview(result.preview, console)
@@ -104,6 +110,20 @@ def cmd_train(ns: argparse.Namespace) -> int:
         console.print(f"Evaluation: {result.evaluation.output_dir}/eval_report.html")
     console.print(f"Wrote {result.output_dir}/ ({', '.join(result.report['files'])})")
     return 0
+
+
+def _launch(nproc: int, qatune_args: list[str]) -> int:
+    """Run `qatune ARGS` as `nproc` processes on this machine under torchrun (gloo on CPU, nccl on GPU)."""
+    import subprocess
+
+    from qatune.config import load_config
+
+    path, overrides = _split_args(qatune_args[1:])
+    load_config(path, [o for o in overrides if not o.startswith("--")])  # a config error once, not N times
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "qatune", *qatune_args]
+    print("launching: " + " ".join(command[2:]), file=sys.stderr)
+    return subprocess.call(command)
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
@@ -239,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoints and TensorBoard logs. Ctrl-C saves a checkpoint; train.resume=true continues.",
     )
     trn.add_argument("--data", action="append", metavar="FILE", help="training data file or folder (repeatable)")
+    trn.add_argument("--nproc", type=int, default=1, metavar="N",
+                     help="train with N data-parallel processes on this machine (torchrun; see train.distributed)")
     trn.set_defaults(run=cmd_train)
 
     evl = _stage_parser(

@@ -239,6 +239,12 @@ class TrainConfig(Section):
         None, ge=1, description="Stop after N evaluations whose eval loss does not improve."
     )
     early_stopping_threshold: float = Field(0.0, ge=0, description="Smallest eval-loss gain that counts.")
+    distributed: Literal["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"] = Field(
+        "ddp",
+        description="Engine when several processes train (`--nproc N`, torchrun, accelerate launch): ddp (data "
+        "parallel, CPU or GPU), fsdp (full shard, decoder layers wrapped), DeepSpeed ZeRO-2/3, ZeRO-3 with CPU "
+        "offload (GPU only).",
+    )
     report_to: Literal["tensorboard", "wandb", "mlflow", "none"] = Field(
         "tensorboard", description="Logger the Trainer reports to (logs in output_dir/runs for TensorBoard)."
     )

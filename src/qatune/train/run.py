@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from qatune.eval.run import EvalResult
     from rich.console import Console
 
+PRESETS = Path(__file__).parent / "presets"  # DeepSpeed configs, one per train.distributed value
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
@@ -54,6 +55,7 @@ class TrainResult:
     checkpoint: Path | None = None  # the checkpoint to resume from after an interruption
     preview: list[dict[str, str]] = field(default_factory=list)
     evaluation: "EvalResult | None" = None  # with eval.after_train
+    main: bool = True  # False on the other ranks of a distributed run: rank 0 reports
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,8 +96,10 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def plan_output_dir(config: QatuneConfig) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run; refuses to mix two runs in one folder."""
+def plan_output_dir(config: QatuneConfig, world_size: int = 1, remove: bool = True) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run; refuses to mix two runs in one folder.
+
+    Starting over removes the earlier run's outputs where `remove` (the main process only)."""
     cfg = config.train
     out = Path(cfg.output_dir)
     checkpoints = complete_checkpoints(out)
@@ -108,6 +112,11 @@ def plan_output_dir(config: QatuneConfig) -> Path | None:
             raise TrainError(f"cannot resume {out}: the config differs from the run's own {CONFIG_FILE} in "
                              + "; ".join(changes),
                              hint="set those keys back, or start a new run in another train.output_dir")
+        written_by = checkpoint_world_size(checkpoints[-1])
+        if written_by != world_size:
+            raise TrainError(f"{checkpoints[-1]} was written by {written_by} process(es) and this run has {world_size}: "
+                             "the data order and random state would not continue",
+                             hint=f"resume with --nproc {written_by} (the same world size)")
         return checkpoints[-1]
     earlier = sorted(p.name for p in out.glob(f"{CHECKPOINT_PREFIX}*")) + \
         [n for n in (train_report.REPORT_FILE,) if (out / n).exists()]
@@ -116,10 +125,16 @@ def plan_output_dir(config: QatuneConfig) -> Path | None:
                          hint="train.resume=true continues it; train.overwrite_output_dir=true starts over; "
                               "or choose another train.output_dir")
     # Starting over: nothing of the earlier run may be mistaken for this one's.
-    for name in earlier + [n for n in RUN_OUTPUTS if (out / n).exists()]:
+    for name in (earlier if remove else []) + [n for n in RUN_OUTPUTS if (out / n).exists()]:
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     return None
+
+
+def checkpoint_world_size(checkpoint: Path) -> int:
+    """How many processes wrote a checkpoint: the Trainer saves one RNG state per rank."""
+    per_rank = list(checkpoint.glob("rng_state_*.pth"))
+    return len(per_rank) if per_rank else 1
 
 
 def _config_changes(saved_path: Path, config: QatuneConfig) -> list[str]:
@@ -163,6 +178,8 @@ def train(config: QatuneConfig, console: "Console | None" = None) -> TrainResult
     import transformers
     from rich.console import Console
 
+    from accelerate import PartialState
+
     from qatune.data.prepare import prepare_or_reuse
     from qatune.data.templates import resolve_template
     from qatune.infer.generation import save_generation_config
@@ -175,13 +192,18 @@ def train(config: QatuneConfig, console: "Console | None" = None) -> TrainResult
     started = time.perf_counter()
     cfg = config.train
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # One process, or one of several under torchrun / accelerate launch (`qatune train --nproc N`).
+    processes = PartialState(cpu=device == "cpu")
+    main = processes.is_main_process
+    console.quiet = console.quiet or not main  # one voice: rank 0 reports
     check_method_here(config.method, device)
+    check_distributed(cfg.distributed, device)
     precision = resolve_precision(cfg.precision, device, console)
     _check_reporter(cfg.report_to)
-    resume_from = plan_output_dir(config)
     out = Path(cfg.output_dir)
-
-    data, reused = prepare_or_reuse(config)
+    with processes.main_process_first():  # rank 0 cleans the folder and tokenizes; the others then reuse
+        resume_from = plan_output_dir(config, processes.num_processes, remove=main)
+        data, reused = prepare_or_reuse(config)
     console.print(f"Data: {len(data.train)} train / {len(data.validation or [])} eval samples "
                   f"({'reused' if reused else 'prepared'} in {data.output_dir})")
     if data.validation is None and cfg.early_stopping_patience:
@@ -202,8 +224,9 @@ def train(config: QatuneConfig, console: "Console | None" = None) -> TrainResult
     console.print(f"Method {config.method.name}: {params}; precision {precision} on {device}")
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(config.to_yaml(), encoding="utf-8")
-    preview = _preview_rows(data.validation, cfg.preview_questions)
+    if main:
+        (out / CONFIG_FILE).write_text(config.to_yaml(), encoding="utf-8")
+    preview = _preview_rows(data.validation, cfg.preview_questions) if main else []
     if preview:  # the checkpoint, if any, is loaded later, inside trainer.train(): this is the base model
         for row, answer in zip(preview, _answers(model, tokenizer, template, preview, config, base=True)):
             row["base"] = answer
@@ -211,7 +234,8 @@ def train(config: QatuneConfig, console: "Console | None" = None) -> TrainResult
     columns = ["input_ids", "labels", "length"]
     train_set = data.train.select_columns(columns)
     eval_set = data.validation.select_columns(columns) if data.validation is not None else None
-    args = training_arguments(config, precision, device, len(train_set), eval_set is not None)
+    args = training_arguments(config, precision, device, len(train_set), eval_set is not None,
+                              getattr(model, "_no_split_modules", None) or [])
     flow = FlowControl(console, evaluate=eval_set is not None)
     callbacks: list[Any] = [flow, ProgressBar(console)]
     if cfg.early_stopping_patience:
@@ -247,7 +271,11 @@ def train(config: QatuneConfig, console: "Console | None" = None) -> TrainResult
         return TrainResult(out, {"interrupted": True, "global_step": trainer.state.global_step}, True, checkpoint)
 
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    trainer.save_model(str(out))
+    trainer.save_model(str(out))  # every rank takes part (FSDP/DeepSpeed gather the shards); rank 0 writes
+    replicas = _replica_checksums(unwrapped) if processes.num_processes > 1 and cfg.distributed == "ddp" else None
+    if not main:
+        return TrainResult(out, {"rank": processes.process_index, "global_step": trainer.state.global_step},
+                           main=False)
     tokenizer.chat_template = template.source  # the template the model learned, even a named one
     tokenizer.save_pretrained(str(out))
     save_generation_config(unwrapped, tokenizer, template.end_of_turn_id, out)
@@ -274,6 +302,9 @@ def train(config: QatuneConfig, console: "Console | None" = None) -> TrainResult
         "tokens_seen": tokens, "tokens_per_s": tokens / runtime if runtime else 0.0,
         "train_time_s": runtime, "wall_time_s": time.perf_counter() - started,
         "peak_memory_mib": _peak_memory(device),
+        "processes": processes.num_processes, "distributed": cfg.distributed if processes.num_processes > 1 else None,
+        "replica_checksums": replicas,
+        "replicas_identical": len(set(replicas)) == 1 if replicas else None,
         "preview": [{k: row[k] for k in ("question", "reference", "base", "tuned")} for row in preview],
     }
     train_report.save_loss_plot(log, out / train_report.LOSS_PLOT_FILE,
@@ -316,7 +347,7 @@ def _evaluate_after_train(config: QatuneConfig, validation: Any, out: Path, cons
 
 
 def training_arguments(config: QatuneConfig, precision: str, device: str, train_samples: int,
-                       has_eval: bool) -> Any:
+                       has_eval: bool, decoder_layers: list[str] | None = None) -> Any:
     """Map qatune's train section onto transformers.TrainingArguments (one place, documented defaults)."""
     from transformers import TrainingArguments
 
@@ -349,7 +380,45 @@ def training_arguments(config: QatuneConfig, precision: str, device: str, train_
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False, disable_tqdm=True, dataloader_pin_memory=device == "cuda",
+        ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient; searching costs a pass
+        **distributed_arguments(cfg.distributed, decoder_layers or []),
     )
+
+
+def distributed_arguments(engine: str, decoder_layers: list[str]) -> dict[str, Any]:
+    """TrainingArguments for `train.distributed` (plain DDP needs none: torchrun's environment is enough)."""
+    if engine == "fsdp":
+        return {"fsdp": "full_shard auto_wrap",
+                "fsdp_config": {"transformer_layer_cls_to_wrap": decoder_layers, "use_orig_params": True}}
+    if engine.startswith("deepspeed"):
+        return {"deepspeed": str(PRESETS / f"{engine}.json")}
+    return {}
+
+
+def check_distributed(engine: str, device: str) -> None:
+    """FSDP and DeepSpeed shard over CUDA GPUs; refuse them elsewhere before loading anything."""
+    if engine == "ddp":
+        return
+    if device != "cuda":
+        raise TrainError(f"train.distributed={engine} shards the model over CUDA GPUs; this machine has none",
+                         hint="use train.distributed=ddp (data parallel, also on CPUs with the gloo backend)")
+    if engine.startswith("deepspeed"):
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise TrainError(f"train.distributed={engine} needs the deepspeed package", hint="pip install deepspeed")
+
+
+def _replica_checksums(model: Any) -> list[float]:
+    """Each rank's sum of its trainable weights: data-parallel replicas must end identical."""
+    import torch
+    import torch.distributed as dist
+
+    local = torch.tensor([sum(float(p.detach().double().sum()) for p in model.parameters() if p.requires_grad)],
+                         dtype=torch.float64, device=next(model.parameters()).device)
+    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return [float(t.item()) for t in gathered]
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -38,8 +38,10 @@ class QatuneTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy != "group_by_length":
             return super()._get_train_sampler(train_dataset)
-        return SeededLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                          dataset[self.args.length_column_name], self.args.data_seed or self.args.seed)
+        # Grouped by the global batch: N processes then read the order one process with batch N x B reads.
+        global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return SeededLengthGroupedSampler(global_batch, dataset[self.args.length_column_name],
+                                          self.args.data_seed or self.args.seed)
 
 
 class FlowControl(TrainerCallback):
