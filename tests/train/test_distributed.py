@@ -12,8 +12,10 @@ from qatune.config import load_config
 from qatune.train.run import TrainError, distributed_arguments, train
 from tests.conftest import REPO, tiny_config
 
-# 8 eval samples split evenly over 2 ranks: with an uneven split the Trainer's distributed eval loss drifts.
-SETTINGS = ("method.name=lora", "train.max_steps=4", "train.learning_rate=1e-2", "data.val_size=8")
+# 15 train samples: 3 steps of a global batch of 4 stay inside the epoch. The epoch's last, partial
+# batch differs by design: accelerate tops up the short rank with the epoch's first samples so every
+# rank takes a step. 8 eval samples split evenly over the 2 ranks.
+SETTINGS = ("method.name=lora", "train.max_steps=3", "train.learning_rate=1e-2", "data.val_size=8")
 
 
 @pytest.mark.slow
@@ -31,7 +33,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, qa_f
     two = json.loads((tmp_path / "two" / "run" / "train_report.json").read_text(encoding="utf-8"))
     assert two["processes"] == 2 and two["distributed"] == "ddp"
     assert two["replicas_identical"] and len(two["replica_checksums"]) == 2
-    assert two["global_step"] == one["global_step"] == 4
+    assert two["global_step"] == one["global_step"] == 3
     assert two["final_train_loss"] == pytest.approx(one["final_train_loss"], abs=1e-4)
     # Eval loss: the mean of per-batch means, over batches of 2 (per rank) against 4: close, not equal.
     assert two["final_eval_loss"] == pytest.approx(one["final_eval_loss"], rel=1e-2)
@@ -40,7 +42,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, qa_f
 
     # The checkpoint holds two ranks' random state: resuming it with one process is refused.
     with pytest.raises(TrainError, match=r"written by 2 process\(es\) and this run has 1"):
-        train(load_config(str(path), ["train.resume=true", "train.max_steps=6"]))
+        train(load_config(str(path), ["train.resume=true", "train.max_steps=5"]))
 
 
 def test_engines_map_to_trainer_arguments(tiny_model_dir, qa_file, tmp_path):
