@@ -12,10 +12,10 @@ from qatune.config import load_config
 from qatune.train.run import TrainError, distributed_arguments, train
 from tests.conftest import REPO, tiny_config
 
-# 15 train samples: 3 steps of a global batch of 4 stay inside the epoch. The epoch's last, partial
+# 18 train samples: 3 steps of a global batch of 4 stay inside the epoch (the epoch's last, partial
 # batch differs by design: accelerate tops up the short rank with the epoch's first samples so every
-# rank takes a step. 8 eval samples split evenly over the 2 ranks.
-SETTINGS = ("method.name=lora", "train.max_steps=3", "train.learning_rate=1e-2", "data.val_size=8")
+# rank takes a step). 6 eval samples do not divide over 2 ranks x 2: the uneven case on purpose.
+SETTINGS = ("method.name=lora", "train.max_steps=3", "train.learning_rate=1e-2")
 
 
 @pytest.mark.slow
@@ -35,9 +35,10 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, qa_f
     assert two["replicas_identical"] and len(two["replica_checksums"]) == 2
     assert two["global_step"] == one["global_step"] == 3
     assert two["final_train_loss"] == pytest.approx(one["final_train_loss"], abs=1e-4)
-    # Eval loss: the mean of per-batch means, over batches of 2 (per rank) against 4: close, not equal.
-    assert two["final_eval_loss"] == pytest.approx(one["final_eval_loss"], rel=1e-2)
-    assert two["initial_eval_loss"] == pytest.approx(one["initial_eval_loss"], abs=1e-4)
+    # Eval loss: a mean of per-batch token means, over batches of 2 (per rank) against 4: close, not equal.
+    # (Without QatuneTrainer's own-batch normalisation in evaluation it was 0.7 nats off here.)
+    assert two["initial_eval_loss"] == pytest.approx(one["initial_eval_loss"], rel=2e-3)
+    assert two["final_eval_loss"] == pytest.approx(one["final_eval_loss"], rel=2e-3)
     assert two["tokens_seen"] == one["tokens_seen"]  # every rank's tokens counted once
 
     # The checkpoint holds two ranks' random state: resuming it with one process is refused.

@@ -34,6 +34,23 @@ class SeededLengthGroupedSampler(LengthGroupedSampler):
 
 
 class QatuneTrainer(Trainer):
+    _predicting = False
+
+    def prediction_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._predicting = True
+        try:
+            return super().prediction_step(*args, **kwargs)
+        finally:
+            self._predicting = False
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int | None:
+        # An eval batch's loss is its own token mean. The Trainer would divide by the tokens of every
+        # rank's current batch, which is wrong on a rank whose last batch is a duplicate pad, dropped
+        # after gathering (an eval set that does not divide over the processes).
+        if self._predicting:
+            return None
+        return super()._get_num_items_in_batch(batch_samples, device)
+
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy != "group_by_length":
