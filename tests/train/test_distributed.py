@@ -41,9 +41,15 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, qa_f
     assert two["final_eval_loss"] == pytest.approx(one["final_eval_loss"], rel=2e-3)
     assert two["tokens_seen"] == one["tokens_seen"]  # every rank's tokens counted once
 
-    # The checkpoint holds two ranks' random state: resuming it with one process is refused.
+    # The checkpoint holds two ranks' random state: resuming it with one process is refused...
     with pytest.raises(TrainError, match=r"written by 2 process\(es\) and this run has 1"):
         train(load_config(str(path), ["train.resume=true", "train.max_steps=5"]))
+    # ...and with two it continues where it stopped.
+    run = subprocess.run([sys.executable, "-m", "qatune", "train", str(path), "train.resume=true", "train.max_steps=5",
+                          "--nproc", "2"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    resumed = json.loads((tmp_path / "two" / "run" / "train_report.json").read_text(encoding="utf-8"))
+    assert resumed["resumed_from"].endswith("checkpoint-3") and resumed["global_step"] == 5
 
 
 def test_engines_map_to_trainer_arguments(tiny_model_dir, qa_file, tmp_path):
