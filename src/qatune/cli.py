@@ -84,15 +84,15 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from qatune.train import report
     from qatune.train.run import train
 
-    if ns.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        return _launch(ns.nproc, ["train", *ns.args, *(["--model", ns.model] if ns.model else []),
-                                  *(a for d in ns.data or [] for a in ("--data", d))])
     path, overrides = _split_args(ns.args)
     if ns.model:
         overrides.append(f"model={json.dumps(ns.model)}")  # JSON is YAML: paths stay strings
     if ns.data:
         overrides.append(f"data.sources={json.dumps(ns.data)}")
-    config = load_config(path, overrides)
+    config = load_config(path, overrides)  # a config error is reported once, before any process starts
+    if ns.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return _launch(ns.nproc, ["train", *ns.args, *(["--model", ns.model] if ns.model else []),
+                                  *(a for d in ns.data or [] for a in ("--data", d))])
     datasets.disable_progress_bars()  # the data summary line says what was prepared
     console = Console()
     result = train(config, console)
@@ -116,10 +116,6 @@ def _launch(nproc: int, qatune_args: list[str]) -> int:
     """Run `qatune ARGS` as `nproc` processes on this machine under torchrun (gloo on CPU, nccl on GPU)."""
     import subprocess
 
-    from qatune.config import load_config
-
-    path, overrides = _split_args(qatune_args[1:])
-    load_config(path, [o for o in overrides if not o.startswith("--")])  # a config error once, not N times
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "qatune", *qatune_args]
     print("launching: " + " ".join(command[2:]), file=sys.stderr)
