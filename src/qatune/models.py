@@ -90,10 +90,15 @@ def locate_model(cfg: ModelConfig) -> ModelLocation:
     return ModelLocation(name, name, cfg.gguf_file, is_local=False)
 
 
-def load_tokenizer(cfg: ModelConfig) -> "PreTrainedTokenizerBase":
-    """The model's tokenizer (fast, with its chat template), from folder, GGUF (cached) or hub."""
+def load_tokenizer(cfg: ModelConfig, adapter: str | Path | None = None) -> "PreTrainedTokenizerBase":
+    """The model's tokenizer (fast, with its chat template), from folder, GGUF (cached) or hub.
+
+    With an adapter folder that holds a tokenizer (a qatune training output), that one: it carries
+    the chat template the adapter was trained on."""
     from transformers import AutoTokenizer
 
+    if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(adapter))
     loc = locate_model(cfg)
     try:
         if loc.gguf_file:

@@ -128,13 +128,9 @@ def _template_source(config: QatuneConfig, spec: ModelSpec) -> str:
 
 
 def _tokenizer(spec: ModelSpec, model_cfg: ModelConfig) -> Any:
-    from transformers import AutoTokenizer
-
     from qatune.models import load_tokenizer
 
-    if spec.adapter and (Path(spec.adapter) / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(spec.adapter)  # saved with the template it was trained on
-    return load_tokenizer(model_cfg.model_copy(update={"name_or_path": spec.model}))
+    return load_tokenizer(model_cfg.model_copy(update={"name_or_path": spec.model}), spec.adapter)
 
 
 def load_for_eval(spec: ModelSpec, model_cfg: ModelConfig, template_source: str, dtype: Any,

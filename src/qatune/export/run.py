@@ -106,7 +106,6 @@ def export(config: QatuneConfig, console: "Console | None" = None) -> ExportResu
 
 def _export_into(config: QatuneConfig, folder: Path, console: "Console") -> dict[str, Any]:
     import torch
-    from transformers import AutoTokenizer
 
     from qatune import __version__
     from qatune.data.templates import resolve_template
@@ -115,8 +114,7 @@ def _export_into(config: QatuneConfig, folder: Path, console: "Console") -> dict
 
     cfg = config.export
     adapter = cfg.adapter
-    tokenizer = (AutoTokenizer.from_pretrained(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").is_file()
-                 else load_tokenizer(config.model))  # an adapter folder holds the template it was trained on
+    tokenizer = load_tokenizer(config.model, adapter)  # an adapter's own, with the template it was trained on
     template = resolve_template(tokenizer, config.data.template)
     tokenizer.chat_template = template.source
     # Merge in fp32 on the CPU: exact, and independent of how the adapter was trained (qlora included).

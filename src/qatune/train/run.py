@@ -124,10 +124,12 @@ def plan_output_dir(config: QatuneConfig, world_size: int = 1, remove: bool = Tr
         raise TrainError(f"{out} already holds a run ({', '.join(earlier[:4])})",
                          hint="train.resume=true continues it; train.overwrite_output_dir=true starts over; "
                               "or choose another train.output_dir")
-    # Starting over: nothing of the earlier run may be mistaken for this one's.
-    for name in (earlier if remove else []) + [n for n in RUN_OUTPUTS if (out / n).exists()]:
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    # Starting over: nothing of the earlier run may be mistaken for this one's. Only the main process
+    # removes: another rank runs this after rank 0 has gone on to write the new run's files.
+    if remove:
+        for name in earlier + [n for n in RUN_OUTPUTS if (out / n).exists()]:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     return None
 
 
