@@ -201,6 +201,58 @@ def cmd_export(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _model_overrides(ns: argparse.Namespace) -> list[str]:
+    import json
+
+    path, overrides = _split_args(ns.args)
+    ns.config_path = path
+    if ns.model:
+        overrides.append(f"model={json.dumps(ns.model)}")  # JSON is YAML: paths stay strings
+    return overrides
+
+
+def cmd_chat(ns: argparse.Namespace) -> int:
+    from qatune.config import load_config
+    from qatune.infer.chat import ChatSession, chat_loop
+
+    overrides = _model_overrides(ns)
+    session = ChatSession.load(load_config(ns.config_path, overrides), ns.adapter, ns.system)
+    chat_loop(session)
+    return 0
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from qatune.config import load_config
+    from qatune.infer.chat import ChatSession
+
+    overrides = _model_overrides(ns)
+    session = ChatSession.load(load_config(ns.config_path, overrides), ns.adapter, ns.system)
+    for piece in session.ask(ns.question):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    import json
+
+    from qatune.config import load_config
+    from qatune.serve.app import serve
+
+    overrides = _model_overrides(ns)
+    for value, key in ((ns.host, "serve.host"), (ns.port, "serve.port"), (ns.engine, "serve.engine")):
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    if ns.adapter:  # given on the command line, these replace the config's serve.adapters
+        adapters = {}
+        for item in ns.adapter:
+            name, _, folder = item.rpartition("=")
+            adapters[name or folder.rstrip("/").rsplit("/", 1)[-1]] = folder  # a bare folder: its own name
+        overrides.append(f"serve.adapters={json.dumps(adapters)}")
+    serve(load_config(ns.config_path, overrides))
+    return 0
+
+
 class EvalUsageError(QatuneError):
     """`qatune eval` called with arguments that do not go together."""
 
@@ -290,6 +342,32 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also write a quantized copy (int8 on CPU; bnb-* on a CUDA GPU)")
     exp.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     exp.set_defaults(run=cmd_export)
+
+    decoding = "Decoding follows the serve section: serve.temperature (0.7), serve.top_p (0.9), " \
+               "serve.repetition_penalty, serve.max_new_tokens; e.g. serve.temperature=0 for greedy answers."
+    cht = _stage_parser(stages, "chat", "talk to a model in the terminal (streaming, with history)",
+                        f"Commands: /reset starts a new conversation, /exit leaves.\n\n{decoding}")
+    gen = _stage_parser(stages, "generate", "answer one question and exit", decoding)
+    gen.add_argument("question", help="the question (quote it)")
+    for parser_ in (cht, gen):
+        parser_.add_argument("--adapter", help="LoRA/prefix adapter folder (a qatune train output) to put on --model")
+        parser_.add_argument("--system", help="system prompt")
+    cht.set_defaults(run=cmd_chat)
+    gen.set_defaults(run=cmd_generate)
+
+    srv = _stage_parser(
+        stages, "serve", "serve the model and its adapters over HTTP (OpenAI-compatible API, chat page, metrics)",
+        "qatune serve [CONFIG] --model M [--adapter NAME=FOLDER ...] [--host H] [--port P] [--engine hf|vllm]\n\n"
+        "Routes: POST /v1/chat/completions, /v1/completions (stream over SSE), GET /v1/models, POST /answer, "
+        "GET /health, GET /metrics (Prometheus), GET / (chat page). Concurrent requests are batched "
+        "together (serve.max_batch_size); serve.api_key (or env QATUNE_API_KEY) requires a Bearer key.",
+    )
+    srv.add_argument("--adapter", action="append", metavar="NAME=FOLDER",
+                     help="LoRA adapter served as model NAME on the one base model (repeatable)")
+    srv.add_argument("--host", help="bind address (serve.host, default 127.0.0.1)")
+    srv.add_argument("--port", type=int, help="TCP port (serve.port, default 8000)")
+    srv.add_argument("--engine", choices=["hf", "vllm"], help="serve.engine: hf (CPU or GPU) or vllm (CUDA GPU)")
+    srv.set_defaults(run=cmd_serve)
     return parser
 
 

@@ -298,13 +298,34 @@ class EvalConfig(Section):
 
 
 class ServeConfig(Section):
-    """HTTP service settings."""
+    """`qatune serve` (the HTTP service), and the decoding of `qatune chat` and `qatune generate`."""
 
-    host: str = Field("127.0.0.1", description="Bind address; loopback unless you mean to expose it.")
+    host: str = Field("127.0.0.1", description="Bind address; loopback unless you mean to expose it (0.0.0.0 in a container).")
     port: int = Field(8000, ge=1, le=65535, description="TCP port.")
-    api_key: str | None = Field(None, description="Require `Authorization: Bearer <key>` when set.")
-    max_input_tokens: int = Field(2048, ge=1, description="Longest accepted prompt.")
-    max_tokens: int = Field(512, ge=1, description="Largest accepted `max_tokens`.")
+    api_key: str | None = Field(
+        None, description="Require `Authorization: Bearer <key>` on the API routes when set (or env QATUNE_API_KEY)."
+    )
+    adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="LoRA adapters served on the one base model, name: folder. Each name is a model in /v1/models; "
+        "the first is the default for /answer and requests without `model`.",
+    )
+    engine: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: qatune's continuous batching on transformers (CPU or GPU); vllm: vLLM on a CUDA GPU."
+    )
+    max_batch_size: int = Field(16, ge=1, description="Requests decoded together in one step.")
+    max_queue: int = Field(
+        64, ge=1, description="Requests waiting or running before new ones get 503 with Retry-After."
+    )
+    request_timeout: float = Field(120.0, gt=0, description="Seconds before a request is stopped and answered 504.")
+    max_input_tokens: int = Field(2048, ge=1, description="Longest accepted prompt (413 above).")
+    max_tokens: int = Field(512, ge=1, description="Largest accepted `max_tokens` (400 above).")
+    max_new_tokens: int = Field(256, ge=1, description="Answer length when a request (or chat) gives none.")
+    temperature: float = Field(0.7, ge=0, le=2, description="Default sampling temperature; 0 is greedy.")
+    top_p: float = Field(0.9, gt=0, le=1, description="Default nucleus sampling share.")
+    repetition_penalty: float = Field(
+        1.0, ge=1.0, description="Default repetition penalty: above 1 discourages repeats (1.1-1.3 helps small models)."
+    )
 
 
 class ExportConfig(Section):

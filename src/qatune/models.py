@@ -133,8 +133,11 @@ def load_model(cfg: ModelConfig, dtype: "torch.dtype | None" = None, **kwargs: A
         raise ModelLoadError(f"cannot load the model '{loc.name}': {exc}", hint=_hub_hint(loc)) from exc
 
 
-def attach_adapter(model: "PreTrainedModel", adapter: str | Path, model_name: str) -> "PreTrainedModel":
-    """Put a saved peft adapter (LoRA, prefix...) on `model`; one that does not fit is a ModelLoadError."""
+def attach_adapter(model: "PreTrainedModel", adapter: str | Path, model_name: str,
+                   name: str = "default") -> "PreTrainedModel":
+    """Put a saved peft adapter (LoRA, prefix...) on `model` as `name`; one that does not fit is a ModelLoadError.
+
+    On a model that already has adapters, it is loaded beside them (several adapters on one base)."""
     from peft import PeftModel
 
     config_file = Path(adapter) / ADAPTER_FILE
@@ -144,7 +147,10 @@ def attach_adapter(model: "PreTrainedModel", adapter: str | Path, model_name: st
     try:
         with warnings.catch_warnings():  # peft asks transformers a deprecated question; not the user's concern
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            return PeftModel.from_pretrained(model, str(adapter))
+            if hasattr(model, "peft_config"):
+                model.load_adapter(str(adapter), adapter_name=name)
+                return model
+            return PeftModel.from_pretrained(model, str(adapter), adapter_name=name)
     except (RuntimeError, ValueError, KeyError) as exc:  # size mismatches, a base without the target modules
         raise ModelLoadError(f"the adapter {adapter} does not fit the model {model_name}: "
                              f"{str(exc).splitlines()[0][:300]}",

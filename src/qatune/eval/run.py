@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qatune import __version__
-from qatune.config import EvalConfig, ModelConfig, QatuneConfig
+from qatune.config import EvalConfig, QatuneConfig
 from qatune.eval import metrics
 from qatune.eval.sets import EvalError, EvalSet, load_eval_set
 from qatune.models import ADAPTER_FILE
@@ -67,6 +67,7 @@ def evaluate(config: QatuneConfig, specs: list[ModelSpec], sets: list[EvalSet] |
     from rich.console import Console
 
     from qatune.eval import report as eval_report
+    from qatune.infer.load import load_for_inference
     from qatune.models import compute_dtype
 
     console = console or Console()
@@ -87,7 +88,8 @@ def evaluate(config: QatuneConfig, specs: list[ModelSpec], sets: list[EvalSet] |
     predictions: dict[str, list[dict[str, Any]]] = {}
     for spec in specs:
         started = time.perf_counter()
-        model, tokenizer, template = load_for_eval(spec, config.model, template_source, dtype, device)
+        model, tokenizer, template = load_for_inference(config.model, spec.model, spec.adapter, template_source,
+                                                        dtype, device)
         console.print(f"Evaluating {spec.label}: {spec.describe()} ({str(dtype).removeprefix('torch.')} on {device})")
         predictions[spec.label] = []
         for s in sets:
@@ -122,31 +124,9 @@ def evaluate(config: QatuneConfig, specs: list[ModelSpec], sets: list[EvalSet] |
 
 def _template_source(config: QatuneConfig, spec: ModelSpec) -> str:
     """The chat template every model answers with: the one `spec` (the tuned model) was trained on."""
-    from qatune.data.templates import resolve_template
+    from qatune.infer.load import trained_template
 
-    return resolve_template(_tokenizer(spec, config.model), config.data.template).source
-
-
-def _tokenizer(spec: ModelSpec, model_cfg: ModelConfig) -> Any:
-    from qatune.models import load_tokenizer
-
-    return load_tokenizer(model_cfg.model_copy(update={"name_or_path": spec.model}), spec.adapter)
-
-
-def load_for_eval(spec: ModelSpec, model_cfg: ModelConfig, template_source: str, dtype: Any,
-                  device: str) -> tuple[Any, Any, Any]:
-    """The model (with its adapter), its tokenizer, and `template_source` resolved for that tokenizer."""
-    from qatune.data.templates import resolve_template
-    from qatune.models import attach_adapter, load_model
-
-    tokenizer = _tokenizer(spec, model_cfg)
-    tokenizer.chat_template = template_source
-    template = resolve_template(tokenizer, "auto")
-    model = load_model(model_cfg.model_copy(update={"name_or_path": spec.model}), dtype=dtype).to(device)
-    if spec.adapter:
-        model = attach_adapter(model, spec.adapter, spec.model)
-    model.eval()
-    return model, tokenizer, template
+    return trained_template(config.model, spec.model, spec.adapter, config.data.template).source
 
 
 def evaluate_set(model: Any, tokenizer: Any, template: Any, eval_set: EvalSet, cfg: EvalConfig,

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qatune.data.templates import render
 
@@ -95,6 +95,26 @@ def stop_token_ids(tokenizer: "PreTrainedTokenizerBase", end_of_turn_id: int | N
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
+def _generate_options(tokenizer: "PreTrainedTokenizerBase", decoding: Decoding,
+                      end_of_turn_id: int | None) -> tuple[list[int], dict[str, Any]]:
+    """Stop ids and `model.generate` options for `decoding`."""
+    stops = stop_token_ids(tokenizer, end_of_turn_id)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    sampling = decoding.temperature > 0
+    options: dict[str, Any] = dict(max_new_tokens=decoding.max_new_tokens, do_sample=sampling,
+                                   repetition_penalty=decoding.repetition_penalty, eos_token_id=stops,
+                                   pad_token_id=pad_id)
+    if sampling:
+        options.update(temperature=decoding.temperature, top_p=decoding.top_p)
+    else:  # silence the model's own sampling defaults, which greedy decoding ignores anyway
+        options.update(temperature=None, top_p=None, top_k=None)
+    return stops, options
+
+
+def _prompt_ids(tokenizer: "PreTrainedTokenizerBase", template: str, messages: list[dict[str, str]]) -> list[int]:
+    return tokenizer.encode(render(tokenizer, template, messages, add_generation_prompt=True), add_special_tokens=False)
+
+
 def generate(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", template: str,
              prompts: list[list[dict[str, str]]], decoding: Decoding = Decoding(),
              end_of_turn_id: int | None = None, batch_size: int = 8) -> list[Answer]:
@@ -102,21 +122,12 @@ def generate(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", tem
 
     Prompts are batched by length (longest first) so that a batch holds little padding.
     """
-    stops = stop_token_ids(tokenizer, end_of_turn_id)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    encoded = [tokenizer.encode(render(tokenizer, template, p, add_generation_prompt=True), add_special_tokens=False)
-               for p in prompts]
-    sampling = decoding.temperature > 0
-    options = dict(max_new_tokens=decoding.max_new_tokens, do_sample=sampling,
-                   repetition_penalty=decoding.repetition_penalty, eos_token_id=stops, pad_token_id=pad_id)
-    if sampling:
-        options.update(temperature=decoding.temperature, top_p=decoding.top_p)
-    else:  # silence the model's own sampling defaults, which greedy decoding ignores anyway
-        options.update(temperature=None, top_p=None, top_k=None)
+    stops, options = _generate_options(tokenizer, decoding, end_of_turn_id)
+    encoded = [_prompt_ids(tokenizer, template, p) for p in prompts]
     answers: list[Answer | None] = [None] * len(encoded)
     with evaluating(model) as device:
         for rows in length_sorted_batches([len(ids) for ids in encoded], batch_size):
-            input_ids = left_pad([encoded[i] for i in rows], pad_id).to(device)
+            input_ids = left_pad([encoded[i] for i in rows], options["pad_token_id"]).to(device)
             mask = left_pad([[1] * len(encoded[i]) for i in rows], 0).to(device)
             clock = _StepClock()
             out = model.generate(input_ids=input_ids, attention_mask=mask, stopping_criteria=[clock], **options)
@@ -127,6 +138,38 @@ def generate(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", tem
                 new_tokens = min(cut + 1, len(row))
                 answers[index] = Answer(text, new_tokens, clock.seconds_until(new_tokens))
     return answers
+
+
+def stream(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", template: str,
+           messages: list[dict[str, str]], decoding: Decoding = Decoding(),
+           end_of_turn_id: int | None = None) -> Iterator[str]:
+    """Answer one conversation, yielding the text piece by piece as it is generated."""
+    import threading
+
+    import torch
+    from transformers import TextIteratorStreamer
+
+    _, options = _generate_options(tokenizer, decoding, end_of_turn_id)
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([_prompt_ids(tokenizer, template, messages)], device=device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with evaluating(model):
+                model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                               **options)
+        except BaseException as exc:  # re-raised in the caller's thread below
+            failures.append(exc)
+            streamer.end()
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    yield from (piece for piece in streamer if piece)
+    worker.join()
+    if failures:
+        raise failures[0]
 
 
 def save_generation_config(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", end_of_turn_id: int,

@@ -1,0 +1,131 @@
+"""`serve.engine: vllm`: the same service on vLLM (paged attention, CUDA graphs) on a CUDA GPU.
+
+Prompts are rendered by qatune with each model's training template and handed to vLLM as token
+ids, so answers match the `hf` engine's prompts exactly; every adapter is a vLLM LoRARequest on
+the one base model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qatune.serve.engine import Generation, QueueFull, Sampling, ServedModel, ServeError, Update, served_models
+
+if TYPE_CHECKING:
+    from qatune.config import QatuneConfig
+
+
+def check_vllm() -> None:
+    """vLLM and a CUDA GPU, or a ServeError that says what is missing."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise ServeError("serve.engine vllm needs the vllm package, which is not installed",
+                         hint="pip install vllm (Linux with a CUDA GPU), or use serve.engine=hf") from None
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ServeError("serve.engine vllm needs a CUDA GPU, and none is visible here",
+                         hint="use serve.engine=hf, which batches requests on the CPU too")
+
+
+class VLLMEngine:
+    kind = "vllm"
+
+    def __init__(self, llm: Any, tokenizer: Any, models: dict[str, ServedModel], default_model: str,
+                 max_positions: int | None, max_queue: int) -> None:
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.models = models
+        self.default_model = default_model
+        self.max_positions = max_positions
+        self.max_queue = max_queue
+        self._in_flight = 0
+        self._ids = itertools.count()
+        self._lora = {name: i for i, name in enumerate((m.name for m in models.values() if m.adapter), start=1)}
+
+    @classmethod
+    def from_config(cls, config: "QatuneConfig") -> "VLLMEngine":
+        check_vllm()
+        from vllm import AsyncEngineArgs, AsyncLLMEngine
+
+        from qatune.infer.load import inference_tokenizer
+        from qatune.models import gguf_as_hf_folder, locate_model
+
+        models, default = served_models(config)
+        location = locate_model(config.model)
+        path = str(gguf_as_hf_folder(location, weights=True)) if location.gguf_file else location.path
+        adapters = [m.adapter for m in models.values() if m.adapter]
+        ranks = [json.loads((Path(a) / "adapter_config.json").read_text(encoding="utf-8")).get("r", 8) for a in adapters]
+        args = AsyncEngineArgs(model=path, enable_lora=bool(adapters), max_loras=max(1, len(adapters)),
+                               max_lora_rank=max([8, *ranks]), max_num_seqs=config.serve.max_batch_size,
+                               trust_remote_code=config.model.trust_remote_code)
+        llm = AsyncLLMEngine.from_engine_args(args)
+        tokenizer = inference_tokenizer(config.model, config.model.name_or_path)
+        max_positions = getattr(llm.model_config, "max_model_len", None) if hasattr(llm, "model_config") else None
+        return cls(llm, tokenizer, models, default, max_positions, config.serve.max_queue)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._in_flight
+
+    def start(self) -> None:
+        """vLLM starts its own loop with the first request."""
+
+    def stop(self) -> None:
+        shutdown = getattr(self.llm, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+    def generate(self, prompt_ids: list[int], sampling: Sampling, model: str) -> Generation:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.lora.request import LoRARequest
+
+        if self._in_flight >= self.max_queue:
+            raise QueueFull(f"{self.max_queue} requests are already waiting or running")
+        served = self.models[model]
+        request_id = f"qatune-{next(self._ids)}"
+        params = SamplingParams(max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                                top_p=sampling.top_p, repetition_penalty=sampling.repetition_penalty,
+                                stop=list(sampling.stop) or None, stop_token_ids=list(served.stop_ids),
+                                seed=sampling.seed)
+        lora = LoRARequest(served.name, self._lora[served.name], served.adapter) if served.adapter else None
+        task_holder: list[asyncio.Task] = []
+
+        def cancel() -> None:
+            if task_holder and not task_holder[0].done():
+                task_holder[0].cancel()
+                asyncio.ensure_future(self.llm.abort(request_id))
+
+        generation = Generation(asyncio.get_running_loop(), cancel)
+
+        async def run() -> None:
+            self._in_flight += 1
+            sent, tokens = "", 0
+            try:
+                async for output in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id,
+                                                      lora_request=lora):
+                    done = output.outputs[0]
+                    tokens = len(done.token_ids)
+                    reason = done.finish_reason if output.finished else None
+                    text = done.text if reason else done.text.rstrip("\ufffd")
+                    if text[len(sent):] or reason:
+                        generation.deliver(Update(text[len(sent):], reason and ("length" if reason == "length" else "stop"),
+                                                  len(prompt_ids), tokens))
+                        sent = text
+            except asyncio.CancelledError:
+                generation.deliver(Update(finish_reason="cancelled", prompt_tokens=len(prompt_ids),
+                                          completion_tokens=tokens))
+            except Exception as exc:  # reported to this request only; the engine goes on
+                generation.deliver(Update(finish_reason="error", error=f"{type(exc).__name__}: {exc}"[:300],
+                                          prompt_tokens=len(prompt_ids), completion_tokens=tokens))
+            finally:
+                self._in_flight -= 1
+
+        task_holder.append(asyncio.ensure_future(run()))
+        return generation

@@ -1,0 +1,100 @@
+"""A real `qatune serve` app on 127.0.0.1 in a background thread: the tiny random Llama with two
+random LoRA adapters (`alpha`, `beta`) on it, so answers are fast and adapters visibly differ."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qatune.config import load_config
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+    """Two LoRA adapters with random (non-zero) weights: each changes the tiny model's answers."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folders = {}
+    for seed, name in enumerate(("alpha", "beta"), start=1):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        lora = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+        folder = tmp_path_factory.mktemp(f"adapter-{name}")
+        get_peft_model(model, lora).save_pretrained(folder)
+        folders[name] = folder
+    return folders
+
+
+def serve_config(model_dir: Path, adapters: dict[str, Path] | None = None, *overrides: str):
+    adapters = {k: str(v) for k, v in (adapters or {}).items()}
+    return load_config(None, [f"model={json.dumps(str(model_dir))}", f"serve.adapters={json.dumps(adapters)}",
+                              "serve.max_new_tokens=8", "serve.max_tokens=900", "serve.max_input_tokens=64",
+                              "serve.temperature=0", *overrides])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    url: str
+    engine: Any
+    app: Any
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The current value of one metric sample (0 when it has none yet)."""
+        value = self.app.state.metrics.registry.get_sample_value(name, labels or None)
+        return value or 0.0
+
+
+@pytest.fixture(scope="session")
+def start_server():
+    """start_server(config, start_engine=True) -> RunningServer; every server stops at the end of the session."""
+    import uvicorn
+
+    from qatune.serve.app import create_app
+    from qatune.serve.engine import load_engine
+    from qatune.serve.metrics import ServiceMetrics
+
+    running: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(config, start_engine: bool = True) -> RunningServer:
+        metrics = ServiceMetrics()
+        engine = load_engine(config, on_step=metrics.on_step)
+        if start_engine:
+            engine.start()
+        app = create_app(engine, config.serve, metrics)
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.time() + 30
+        while not server.started:
+            assert time.time() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        running.append((server, thread))
+        return RunningServer(f"http://127.0.0.1:{port}", engine, app)
+
+    yield start
+    for server, thread in running:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def server(start_server, tiny_model_dir, lora_adapters) -> Iterator[RunningServer]:
+    """The shared open server (no API key): base model `tiny-...` plus adapters alpha and beta."""
+    yield start_server(serve_config(tiny_model_dir, lora_adapters))

@@ -1,0 +1,229 @@
+"""`qatune serve` over real HTTP on 127.0.0.1: the official openai client, batching, adapters,
+auth, limits, queue, timeouts, disconnects and metrics."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from tests.serve.conftest import serve_config
+
+QUESTION = [{"role": "user", "content": "What should I do when I have a fever? 发烧了怎么办？"}]
+
+
+def client(server, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+
+
+def base_name(server) -> str:
+    return next(iter(server.engine.models))
+
+
+def test_openai_client_plain_and_streaming(server):
+    api = client(server)
+    plain = api.chat.completions.create(model="alpha", messages=QUESTION, max_tokens=8, temperature=0)
+    assert plain.object == "chat.completion" and plain.model == "alpha"
+    assert plain.choices[0].message.role == "assistant" and plain.choices[0].message.content
+    assert plain.choices[0].finish_reason in ("stop", "length")
+    assert plain.usage.completion_tokens <= 8 and plain.usage.prompt_tokens > 10
+
+    chunks = list(api.chat.completions.create(model="alpha", messages=QUESTION, max_tokens=8, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) >= 2, "the answer should arrive in several chunks"
+    assert "".join(pieces) == plain.choices[0].message.content  # greedy: same answer either way
+    assert chunks[-2].choices[0].finish_reason == plain.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+    completion = api.completions.create(model=base_name(server), prompt="The capital of France is", max_tokens=5,
+                                        temperature=0)
+    assert completion.object == "text_completion" and completion.choices[0].text
+    streamed = api.completions.create(model=base_name(server), prompt="The capital of France is", max_tokens=5,
+                                      temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == completion.choices[0].text
+
+
+def test_models_lists_base_and_adapters_and_each_answers_its_own_way(server):
+    api = client(server)
+    names = [m.id for m in api.models.list().data]
+    assert names == [base_name(server), "alpha", "beta"]
+    answers = {name: api.chat.completions.create(model=name, messages=QUESTION, max_tokens=8, temperature=0)
+               .choices[0].message.content for name in names}
+    assert len(set(answers.values())) == 3, answers
+    assert httpx.post(server.url + "/answer", json={"question": QUESTION[0]["content"]}).json()["answer"] \
+        == answers["alpha"]  # the first adapter is the default model
+
+
+def test_concurrent_requests_share_steps_and_match_one_at_a_time(server):
+    """12 requests on three models at once: each answer equals its answer alone, in fewer model steps."""
+    jobs = [(model, f"Question {i}: how do I treat a cold?") for i in range(4) for model in
+            (base_name(server), "alpha", "beta")]
+
+    def ask(job):
+        model, text = job
+        body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 12, "temperature": 0}
+        response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["content"]
+
+    alone = [ask(job) for job in jobs]
+    steps, tokens = server.metric("qatune_engine_steps_total"), server.metric("qatune_generated_tokens_total")
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(ask, jobs))
+    steps = server.metric("qatune_engine_steps_total") - steps
+    tokens = server.metric("qatune_generated_tokens_total") - tokens
+    assert together == alone
+    assert tokens / steps > 2, f"{tokens:.0f} tokens in {steps:.0f} steps: requests were not batched"
+
+
+def test_stop_strings_cut_the_answer(server):
+    api = client(server)
+    full = api.completions.create(model=base_name(server), prompt="Count: one two", max_tokens=12,
+                                  temperature=0).choices[0].text
+    stop = full.strip()[2:5]
+    assert stop, full
+    cut = api.completions.create(model=base_name(server), prompt="Count: one two", max_tokens=12, temperature=0,
+                                 stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == full[:full.index(stop)]
+    streamed = api.completions.create(model=base_name(server), prompt="Count: one two", max_tokens=12,
+                                      temperature=0, stop=[stop], stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+
+
+def test_sampling_with_a_seed_repeats(server):
+    api = client(server)
+    answers = [api.chat.completions.create(model="beta", messages=QUESTION, max_tokens=8, temperature=1.0, top_p=0.9,
+                                           seed=7).choices[0].message.content for _ in range(2)]
+    assert answers[0] == answers[1]
+
+
+def test_api_key(start_server, tiny_model_dir):
+    server = start_server(serve_config(tiny_model_dir, None, "serve.api_key=s3cret"))
+    with pytest.raises(openai.AuthenticationError):
+        client(server).models.list()
+    with pytest.raises(openai.AuthenticationError):
+        client(server, "wrong").chat.completions.create(model=base_name(server), messages=QUESTION, max_tokens=2)
+    response = httpx.get(server.url + "/v1/models")
+    assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+    assert "Authorization: Bearer" in response.json()["error"]["message"]
+    assert client(server, "s3cret").chat.completions.create(model=base_name(server), messages=QUESTION,
+                                                            max_tokens=2).choices[0].message.content is not None
+    assert httpx.get(server.url + "/health").status_code == 200  # probes need no key
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"messages": [{"role": "user", "content": "x " * 200}]}, 413, "serve.max_input_tokens"),
+    ({"messages": QUESTION, "max_tokens": 5000}, 400, "serve.max_tokens"),
+    ({"messages": QUESTION, "model": "gpt-4"}, 404, "not served here"),
+    ({"messages": QUESTION, "n": 2}, 422, "n:"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 422, "messages.0.role"),
+    ({"messages": []}, 422, "messages"),
+    ({"messages": QUESTION, "temperature": -1}, 422, "temperature"),
+    ({"messages": QUESTION, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"messages": QUESTION, "presence_penalty": 1}, 400, "repetition_penalty"),
+    ({"question": ""}, 422, "messages"),
+])
+def test_bad_requests_get_clear_errors(server, body, status, words):
+    response = httpx.post(server.url + "/v1/chat/completions", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert words in error["message"] and error["type"]
+    assert "Traceback" not in response.text
+
+
+def test_malformed_json_and_unknown_routes(server):
+    response = httpx.post(server.url + "/v1/chat/completions", content=b"{not json",
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 422 and "JSON" in response.json()["error"]["message"]
+    assert httpx.get(server.url + "/v2/nothing").status_code == 404
+    assert httpx.get(server.url + "/v1/chat/completions").status_code == 405
+
+
+def test_full_queue_answers_503_and_slow_requests_time_out(start_server, tiny_model_dir):
+    """An engine that never runs: two requests fill the queue, the third gets 503, the two get 504."""
+    server = start_server(serve_config(tiny_model_dir, None, "serve.max_queue=2", "serve.request_timeout=1.5"),
+                          start_engine=False)
+    body = {"messages": QUESTION, "max_tokens": 4}
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 5
+    while server.engine.batcher.waiting < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    busy = httpx.post(server.url + "/v1/chat/completions", json=body)
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "2"
+    for t in threads:
+        t.join()
+    assert [r.status_code for r in results] == [504, 504]
+    assert "serve.request_timeout" in results[0].json()["error"]["message"]
+    # the timed-out requests were given up, so the queue takes new ones again
+    late = threading.Thread(target=lambda: results.append(httpx.post(server.url + "/answer", json={"question": "hi"},
+                                                                     timeout=30)))
+    late.start()
+    late.join()
+    assert results[-1].status_code == 504
+
+
+def test_a_client_that_disconnects_stops_its_generation(server):
+    body = {"model": base_name(server), "messages": QUESTION, "max_tokens": 900, "temperature": 0}
+    whole = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120).json()
+    assert whole["choices"][0]["finish_reason"] == "length"  # left alone, it runs all 900 tokens
+
+    before = server.metric("qatune_generated_tokens_total")
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if '"content"' in line and '"content": ""' not in line:
+                break  # the first piece of the answer arrived: hang up
+    deadline = time.time() + 10
+    while server.engine.batcher.running and time.time() < deadline:
+        time.sleep(0.02)
+    assert server.engine.batcher.running == 0
+    assert server.metric("qatune_generated_tokens_total") - before < 600
+
+
+def test_health_and_metrics(server):
+    httpx.post(server.url + "/answer", json={"question": "hello"})
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["engine"] == "hf" and "alpha" in health["models"]
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("qatune_requests_total", "qatune_request_latency_seconds_bucket", "qatune_generated_tokens_total",
+                 "qatune_queue_depth", "qatune_time_to_first_token_seconds_bucket", "qatune_engine_steps_total"):
+        assert name in text
+    assert server.metric("qatune_requests_total", route="/answer", status="200") >= 1
+    httpx.get(server.url + "/no/such/page")
+    assert server.metric("qatune_requests_total", route="other", status="404") >= 1
+
+
+def test_chat_page_is_served(server):
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and "/v1/chat/completions" in page.text and "text/html" in page.headers["content-type"]
+
+
+def test_vllm_engine_without_gpu_is_a_clear_error(tiny_model_dir):
+    from qatune.serve.engine import ServeError, load_engine
+
+    with pytest.raises(ServeError) as caught:
+        load_engine(serve_config(tiny_model_dir, None, "serve.engine=vllm"))
+    assert "serve.engine=hf" in str(caught.value)
+
+
+def test_serve_refuses_a_prefix_adapter(tmp_path, tiny_model_dir):
+    from peft import PrefixTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qatune.serve.engine import ServeError, load_engine
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(tmp_path)
+    with pytest.raises(ServeError, match="only LoRA"):
+        load_engine(serve_config(tiny_model_dir, {"pre": tmp_path}))
+    json.loads((tmp_path / "adapter_config.json").read_text())  # untouched
