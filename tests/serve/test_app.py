@@ -119,7 +119,7 @@ def test_api_key(start_server, tiny_model_dir):
 
 
 @pytest.mark.parametrize("body, status, words", [
-    ({"messages": [{"role": "user", "content": "x " * 200}]}, 413, "serve.max_input_tokens"),
+    ({"messages": [{"role": "user", "content": "x " * 400}]}, 413, "serve.max_input_tokens"),
     ({"messages": QUESTION, "max_tokens": 5000}, 400, "serve.max_tokens"),
     ({"messages": QUESTION, "model": "gpt-4"}, 404, "not served here"),
     ({"messages": QUESTION, "n": 2}, 422, "n:"),
