@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qatune-installed
 
-.PHONY: demo test venv clean docs
+.PHONY: demo test venv clean docs browser
 
 venv: $(STAMP)
 
@@ -22,7 +22,13 @@ $(STAMP): pyproject.toml Makefile
 demo: venv
 	$(VENV)/bin/qatune train examples/demo.yaml
 
-test: venv
+# The chat-page test drives Debian's chromium (playwright, no downloaded browser); install it when missing.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
+	  echo "warning: chromium is missing and could not be installed: the chat-page test will fail"
+
+test: venv browser
 	$(PY) -m pytest -q
 
 docs: venv

@@ -173,20 +173,38 @@ def test_full_queue_answers_503_and_slow_requests_time_out(start_server, tiny_mo
     assert results[-1].status_code == 504
 
 
-def test_a_client_that_disconnects_stops_its_generation(server):
+@pytest.fixture(scope="module")
+def long_answer(server) -> dict:
+    """A request that, left alone, runs all of its 900 tokens."""
     body = {"model": base_name(server), "messages": QUESTION, "max_tokens": 900, "temperature": 0}
     whole = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120).json()
-    assert whole["choices"][0]["finish_reason"] == "length"  # left alone, it runs all 900 tokens
+    assert whole["choices"][0]["finish_reason"] == "length"
+    return body
 
-    before = server.metric("qatune_generated_tokens_total")
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
-        for line in r.iter_lines():
-            if '"content"' in line and '"content": ""' not in line:
-                break  # the first piece of the answer arrived: hang up
+
+def wait_until_idle(server) -> None:
     deadline = time.time() + 10
     while server.engine.batcher.running and time.time() < deadline:
         time.sleep(0.02)
     assert server.engine.batcher.running == 0
+
+
+def test_a_streaming_client_that_disconnects_stops_its_generation(server, long_answer):
+    before = server.metric("qatune_generated_tokens_total")
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json={**long_answer, "stream": True},
+                      timeout=60) as r:
+        for line in r.iter_lines():
+            if '"content"' in line and '"content": ""' not in line:
+                break  # the first piece of the answer arrived: hang up
+    wait_until_idle(server)
+    assert server.metric("qatune_generated_tokens_total") - before < 600
+
+
+def test_a_waiting_client_that_disconnects_stops_its_generation(server, long_answer):
+    before = server.metric("qatune_generated_tokens_total")
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 0.3 s and closes the connection
+        httpx.post(server.url + "/v1/chat/completions", json=long_answer, timeout=0.3)
+    wait_until_idle(server)
     assert server.metric("qatune_generated_tokens_total") - before < 600
 
 
