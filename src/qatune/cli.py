@@ -74,6 +74,87 @@ def cmd_data_check(ns: argparse.Namespace) -> int:
     return 1 if result.errors else 0
 
 
+def _load_with_flags(args: Sequence[str], flags: Sequence[tuple[object, str]]):
+    """The config with each given flag as a `key=value` override (JSON is YAML: paths stay strings)."""
+    import json
+
+    from qatune.config import load_config
+
+    path, overrides = _split_args(args)
+    overrides += [f"{key}={json.dumps(value)}" for value, key in flags if value not in (None, False, [])]
+    return load_config(path, overrides)
+
+
+def _print_synth(result, console) -> None:
+    by_reason = ", ".join(f"{n} {r}" for r, n in result.log.by_reason().items()) or "none"
+    console.print(f"Wrote {len(result.records)} records to {result.output} (dropped: {by_reason}; every drop is in "
+                  f"{result.output.with_suffix('.dropped.jsonl')}, the report in "
+                  f"{result.output.with_suffix('.report.json')})")
+
+
+def cmd_data_from_docs(ns: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from qatune.data.synth import from_docs
+
+    config = _load_with_flags(ns.args, [(ns.model, "model"), (ns.out, "from_docs.output"),
+                                        (ns.prompt, "from_docs.prompt"), (ns.against, "from_docs.against"),
+                                        (ns.force, "from_docs.overwrite")])
+    console = Console()
+    result = from_docs(config, ns.docs, console=console)
+    report = result.report
+    console.print(f"{len(report['documents'])} documents, {report['chunks']} chunks, "
+                  f"{report['pairs_generated']} pairs generated, {report['pairs_kept']} kept.")
+    _print_synth(result, console)
+    return 0
+
+
+def cmd_data_augment(ns: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from qatune.data.synth import augment
+
+    config = _load_with_flags(ns.args, [(ns.model, "model"), (ns.data, "data.sources"), (ns.out, "augment.output"),
+                                        (ns.prompt, "augment.prompt"), (ns.per_question, "augment.per_question"),
+                                        (ns.force, "augment.overwrite")])
+    console = Console()
+    result = augment(config, console=console)
+    report = result.report
+    console.print(f"{report['questions_paraphrased']} questions, {report['candidates']} candidate paraphrases, "
+                  f"{report['paraphrases_kept']} kept.")
+    _print_synth(result, console)
+    return 0
+
+
+def cmd_tune(ns: argparse.Namespace) -> int:
+    import datasets
+    from rich.console import Console
+    from rich.table import Table
+
+    from qatune.train.tune import tune
+
+    config = _load_with_flags(ns.args, [(ns.model, "model"), (ns.trials, "tune.trials")])
+    datasets.disable_progress_bars()
+    console = Console()
+    result = tune(config, console)
+    summary = result.summary
+    table = Table(title=f"Study {summary['study']}", title_justify="left")
+    for column in ("trial", "state", "best eval loss", "params"):
+        table.add_column(column)
+    for t in summary["trials"]:
+        params = ", ".join(f"{k}={v:.3g}" for k, v in t["params"].items())
+        table.add_row(str(t["number"]), t["state"], "-" if t["value"] is None else f"{t['value']:.4f}", params)
+    console.print(table)
+    if result.interrupted:
+        console.print(f"Interrupted: run the same command again to resume ({summary['storage']}).")
+        return 130
+    if result.best_config:
+        console.print(f"Best: trial {summary['best']['number']} (eval loss {summary['best']['value']:.4f}); "
+                      f"train it with: qatune train {result.best_config}")
+    console.print(f"Wrote {result.output_dir}/ ({', '.join(summary['files'])})")
+    return 0
+
+
 def cmd_train(ns: argparse.Namespace) -> int:
     import json
 
@@ -283,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     docs = config_cmds.add_parser("docs", help="print the config reference (Markdown) generated from the schema")
     docs.set_defaults(run=cmd_config_docs)
 
-    data = stages.add_parser("data", help="prepare or check training data")
+    data = stages.add_parser("data", help="prepare, check or grow training data")
     data_cmds = data.add_subparsers(dest="action", required=True, metavar="ACTION")
     prep = data_cmds.add_parser(
         "prepare", help="read, clean, split, tokenize and write the dataset with its report",
@@ -299,6 +380,36 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--dataset", default=None, help="names in a LLaMA-Factory registry, comma-separated")
     chk.add_argument("--encoding", default="utf-8", help="text encoding, e.g. gb18030")
     chk.set_defaults(run=cmd_data_check)
+    docs = data_cmds.add_parser(
+        "from-docs", help="generate Q&A pairs citing their source from .md/.txt/.pdf documents with a model",
+        description="Splits the documents by headings and paragraphs, asks the model (--model, default: the "
+        "embedded one) for Q&A pairs per chunk through a prompt you can replace (--prompt), drops duplicates of "
+        "the existing data (--against, default data.sources) and writes a qa-format JSONL whose records carry "
+        "`source` {file, section, lines}, plus FILE.report.json and FILE.dropped.jsonl.",
+    )
+    docs.add_argument("docs", metavar="DIR", help="folder (or file) of .md, .txt and .pdf documents")
+    docs.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE]", help=OVERRIDES_HELP)
+    docs.add_argument("--model", help="generating model: default, a Hugging Face folder, a .gguf file or a hub id")
+    docs.add_argument("--out", metavar="FILE", help="output .jsonl (from_docs.output)")
+    docs.add_argument("--prompt", metavar="FILE", help="prompt template file (from_docs.prompt)")
+    docs.add_argument("--against", action="append", metavar="FILE", help="existing data to deduplicate against")
+    docs.add_argument("--force", action="store_true", help="replace an existing output file")
+    docs.set_defaults(run=cmd_data_from_docs)
+    aug = data_cmds.add_parser(
+        "augment", help="add question paraphrases generated by a model, deduplicated, with provenance",
+        description="Asks the model for paraphrases of every single-turn question of the data (--data, default "
+        "data.sources), keeps at most --per-question new ones that duplicate neither an original question nor "
+        "each other, and writes them with the original answer and a `provenance` field to a new qa-format JSONL, "
+        "plus FILE.report.json and FILE.dropped.jsonl. Add it to data.sources beside the original data.",
+    )
+    aug.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE]", help=OVERRIDES_HELP)
+    aug.add_argument("--model", help="generating model: default, a Hugging Face folder, a .gguf file or a hub id")
+    aug.add_argument("--data", action="append", metavar="FILE", help="dataset to paraphrase (repeatable)")
+    aug.add_argument("--out", metavar="FILE", help="output .jsonl (augment.output)")
+    aug.add_argument("--prompt", metavar="FILE", help="prompt template file (augment.prompt)")
+    aug.add_argument("--per-question", type=int, metavar="N", help="paraphrases kept per question at most")
+    aug.add_argument("--force", action="store_true", help="replace an existing output file")
+    aug.set_defaults(run=cmd_data_augment)
 
     trn = _stage_parser(
         stages, "train", "fine-tune a model on your data (lora, qlora, full, freeze, prefix)",
@@ -327,6 +438,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="general multiple-choice set for the forgetting check (repeatable)")
     evl.add_argument("--out", metavar="DIR", help="output folder (eval.output_dir)")
     evl.set_defaults(run=cmd_eval)
+
+    tun = _stage_parser(
+        stages, "tune", "search learning rate, LoRA rank/alpha, epochs and warm-up with Optuna",
+        "qatune tune CONFIG --trials N [KEY=VALUE]\n\nEach trial trains in tune.output_dir/trial-N and is "
+        "pruned when its eval loss trails earlier trials. The study is kept in tune.output_dir/study.db: run the "
+        "same command again to resume. Writes best_config.yaml (train it with `qatune train`), "
+        "tune_summary.json and optimization_history.png.",
+    )
+    tun.add_argument("--trials", type=int, metavar="N", help="trials the study should hold (tune.trials)")
+    tun.set_defaults(run=cmd_tune)
 
     exp = _stage_parser(
         stages, "export", "merge an adapter, write a Hugging Face folder, GGUF (llama.cpp, Ollama) or a quantized copy",

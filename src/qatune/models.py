@@ -8,6 +8,10 @@ Building a tokenizer from GGUF takes transformers ~10 s (it rebuilds the BPE fro
 vocabulary) and dequantizing the weights as long again, so both are converted once into a plain
 Hugging Face folder under `$QATUNE_CACHE` (default `~/.cache/qatune`), keyed by the GGUF file's
 size and mtime.
+
+An earlier training run's output is a model too (multi-stage training: general then domain, pt then
+sft): a full or freeze run wrote a model folder; a lora or prefix run wrote an adapter folder, which is
+loaded on the base its adapter_config.json names and merged into it.
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ def locate_model(cfg: ModelConfig) -> ModelLocation:
             if not (path / cfg.gguf_file).is_file():
                 raise ModelLoadError(f"model.gguf_file '{cfg.gguf_file}' is not in {path}")
             return ModelLocation(name, str(path), cfg.gguf_file)
-        if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        if not any((path / name).is_file() for name in ("config.json", "tokenizer_config.json", ADAPTER_FILE)):
             ggufs = sorted(p.name for p in path.glob("*.gguf"))
             hint = f"set model.gguf_file to one of {ggufs}" if ggufs else "point model at a Hugging Face model folder"
             raise ModelLoadError(f"{path} has neither config.json nor tokenizer_config.json", hint=hint)
@@ -121,6 +125,9 @@ def load_model(cfg: ModelConfig, dtype: "torch.dtype | None" = None, **kwargs: A
     from transformers import AutoModelForCausalLM
 
     loc = locate_model(cfg)
+    base = adapter_base(loc)
+    if base is not None:
+        return _load_merged(cfg, loc, base, dtype, **kwargs)
     path = str(gguf_as_hf_folder(loc, weights=True)) if loc.gguf_file else loc.path
     if dtype is None:
         dtype = compute_dtype() if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
@@ -131,6 +138,37 @@ def load_model(cfg: ModelConfig, dtype: "torch.dtype | None" = None, **kwargs: A
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the model '{loc.name}': {exc}", hint=_hub_hint(loc)) from exc
+
+
+def adapter_base(loc: ModelLocation) -> str | None:
+    """The base model an adapter folder was trained on (from its adapter_config.json), or None for a model."""
+    import json
+
+    config_file = Path(loc.path) / ADAPTER_FILE
+    if not loc.is_local or loc.gguf_file or not config_file.is_file():
+        return None
+    base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError(f"{config_file} names no base_model_name_or_path, so the adapter cannot be loaded "
+                             "as a model", hint="give the base model as `model` and the adapter separately")
+    return base
+
+
+def _load_merged(cfg: ModelConfig, loc: ModelLocation, base: str, dtype: "torch.dtype | None",
+                 **kwargs: Any) -> "PreTrainedModel":
+    """Base plus the adapter at `loc`, merged into plain weights: the next stage trains on it like on
+    any model (LLaMA-Factory's adapter_name_or_path, merged before a new adapter is created)."""
+    if "quantization_config" in kwargs:
+        raise ModelLoadError(f"{loc.name} is an adapter; merging it into a 4-bit base would lose precision",
+                             hint=f"merge it first: qatune export --model {base} --adapter {loc.name} --out DIR, "
+                                  "then use DIR as the model")
+    model = load_model(cfg.model_copy(update={"name_or_path": base, "gguf_file": None, "revision": None}),
+                       dtype, **kwargs)
+    merged = attach_adapter(model, loc.path, base).merge_and_unload()
+    # A later stage's adapter records this folder as its base (peft reads `name_or_path`), so the
+    # chain base -> stage 1 -> stage 2 loads back from the last folder alone.
+    merged.name_or_path = loc.path
+    return merged
 
 
 def attach_adapter(model: "PreTrainedModel", adapter: str | Path, model_name: str,

@@ -79,9 +79,18 @@ def test_empty_file_and_missing_path(tmp_path: Path) -> None:
             list(read_records(tmp_path / name))
     with pytest.raises(DataError, match="no such file"):
         data_files(tmp_path / "nope.jsonl")
-    (tmp_path / "x.txt").write_text("hi")
-    with pytest.raises(DataError, match="unsupported file type '.txt'"):
-        data_files(tmp_path / "x.txt")
+    (tmp_path / "x.xml").write_text("<hi/>")
+    with pytest.raises(DataError, match="unsupported file type '.xml'"):
+        data_files(tmp_path / "x.xml")
+
+
+def test_a_plain_text_file_is_one_text_record(tmp_path: Path) -> None:
+    (tmp_path / "manual.md").write_text("# Dosage\n\nOne tablet a day.\n", encoding="utf-8")
+    (tmp_path / "qa.jsonl").write_text(json.dumps(QA[0]) + "\n")
+    assert [r.data for r in read_records(tmp_path / "manual.md")] == [{"text": "# Dosage\n\nOne tablet a day.\n"}]
+    # In a folder, .md/.txt files are data only for a source of format text (a README is not a record).
+    assert [p.name for p in data_files(tmp_path)] == ["qa.jsonl"]
+    assert [p.name for p in data_files(tmp_path, plain_text=True)] == ["manual.md", "qa.jsonl"]
 
 
 def test_non_utf8_file_names_line_and_encoding_fix(tmp_path: Path) -> None:

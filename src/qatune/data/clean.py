@@ -47,9 +47,25 @@ def normalize_text(text: str, form: str = "NFC") -> str:
     return _BLANK_LINES.sub("\n\n", text).strip()
 
 
+def cjk_share(text: str) -> float:
+    """Share of CJK characters among the non-space characters: above ~0.3 the text is Chinese (or Japanese...)."""
+    chars = _SPACES.sub("", text)
+    return len(re.findall(f"[{_CJK}]", chars)) / len(chars) if chars else 0.0
+
+
+def fold(text: str) -> str:
+    """The comparison form of a text: NFKC ("？" is "?"), lower case, one space between words."""
+    return _SPACES.sub(" ", unicodedata.normalize("NFKC", text).lower()).strip()
+
+
+def words(text: str) -> list[str]:
+    """The words of a text, each CJK character counting as one ("头疼怎么办" is 5, "sore throat" is 2)."""
+    return _UNIT.findall(text)
+
+
 def text_length(text: str) -> int:
-    """Length in words, each CJK character counting as one word ("头疼怎么办" is 5, "sore throat" is 2)."""
-    return len(_UNIT.findall(text))
+    """Length in words, each CJK character counting as one word."""
+    return len(words(text))
 
 
 def normalize(conv: Conversation, form: str) -> None:
@@ -107,8 +123,7 @@ class NearDuplicateIndex:
     def signature(self, text: str):
         from datasketch import MinHash
 
-        # NFKC here only (not in the stored text): "？" and "?" are the same for duplicate detection.
-        text = _SPACES.sub(" ", unicodedata.normalize("NFKC", text).lower()).strip()
+        text = fold(text)  # here only, not in the stored text: "？" and "?" are the same for duplicate detection
         n = self._cfg.ngram
         shingles = {text[i:i + n].encode() for i in range(max(1, len(text) - n + 1))}
         # crc32 instead of datasketch's default sha1: ~2x faster, and as deterministic.
@@ -143,6 +158,31 @@ def drop_near_duplicates(convs: list[Conversation], cfg: CleanConfig, log: DropL
         index.add(sig, str(conv.location))
         kept.append(conv)
     return kept
+
+
+class QuestionIndex:
+    """Questions seen so far (existing data, then each one kept), to look new questions up in: exact after
+    folding and trailing punctuation, and near-duplicate by MinHash when `near_dedup` is on. Generated
+    pairs and paraphrases are deduplicated through it."""
+
+    _END = "?？.。!！ "
+
+    def __init__(self, cfg: CleanConfig):
+        self._exact: dict[str, str] = {}
+        self._near = NearDuplicateIndex(cfg) if cfg.near_dedup else None
+
+    def duplicate_of(self, question: str) -> tuple[str, str] | None:
+        """(DUPLICATE or NEAR_DUPLICATE, label of the question it repeats), or None if it is new."""
+        label = self._exact.get(fold(question).rstrip(self._END))
+        if label is not None:
+            return DUPLICATE, label
+        label = self._near.match(self._near.signature(question)) if self._near else None
+        return (NEAR_DUPLICATE, label) if label is not None else None
+
+    def add(self, question: str, label: str) -> None:
+        self._exact.setdefault(fold(question).rstrip(self._END), label)
+        if self._near:
+            self._near.add(self._near.signature(question), label)
 
 
 def drop_eval_leakage(

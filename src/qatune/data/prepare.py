@@ -91,7 +91,7 @@ def source_name(source: SourceConfig, taken: set[str]) -> str:
 
 def read_source(source: SourceConfig, data: DataConfig, log: DropLog, stats: SourceStats) -> Iterator[Conversation]:
     """Stream one source's conversations, normalised and filtered; bad records raise or are counted."""
-    for path in data_files(source.path):
+    for path in data_files(source.path, plain_text=source.format == "text"):
         stats.files.append(str(path))
         fmt = None
         for taken, raw in enumerate(read_records(path, data.encoding)):
@@ -216,7 +216,7 @@ def decorate(convs: list[Conversation], data: DataConfig, tag: bool) -> None:
 def prepare(config: QatuneConfig, write: bool = True) -> PreparedData:
     """Run the whole data stage and (by default) write dataset, report, drops, histogram."""
     from qatune.data import report as data_report
-    from qatune.data.templates import resolve_template, template_metadata
+    from qatune.data.templates import stage_template, template_metadata
     from qatune.models import load_tokenizer
 
     data = config.data
@@ -224,7 +224,8 @@ def prepare(config: QatuneConfig, write: bool = True) -> PreparedData:
         raise DataError("data.sources is empty", hint="add at least one dataset: data.sources=[path/to/file.jsonl]")
     started = time.perf_counter()
     tokenizer = load_tokenizer(config.model)  # first: a wrong model should fail before minutes of cleaning
-    template = resolve_template(tokenizer, data.template)
+    stage = config.train.stage
+    template = stage_template(tokenizer, data.template, stage)
     rng = random.Random(data.seed)
 
     loaded = load(data)
@@ -237,9 +238,15 @@ def prepare(config: QatuneConfig, write: bool = True) -> PreparedData:
     decorate(general, data, tag=False)
     train, mix_info = mix(train, general, data, rng)
 
-    splits = {"train": _tokenized(train, tokenizer, template, data, loaded.log)}
-    if validation:
-        splits["validation"] = _tokenized(validation, tokenizer, template, data, loaded.log)
+    if stage == "pt":
+        _check_plain_text(train + validation)
+        splits = {"train": _packed(train, tokenizer, data.max_length)}
+        if validation:
+            splits["validation"] = _packed(validation, tokenizer, data.max_length)
+    else:
+        splits = {"train": _tokenized(train, tokenizer, template, data, loaded.log)}
+        if validation:
+            splits["validation"] = _tokenized(validation, tokenizer, template, data, loaded.log)
     elapsed = time.perf_counter() - started
 
     report = data_report.build_report(
@@ -288,6 +295,46 @@ def _tokenized(convs: list[Conversation], tokenizer: Any, template: Any, data: D
     return rows
 
 
+def _check_plain_text(convs: list[Conversation]) -> None:
+    """Continued pre-training reads documents, not conversations: a Q&A record there is a mistake."""
+    for conv in convs:
+        if not conv.is_text:
+            raise DataError("train.stage=pt trains on plain text, and this record is a conversation", conv.location,
+                            hint="give pt sources of format text ({\"text\": ...} records, .txt or .md files), "
+                                 "or set train.stage=sft")
+
+
+def _packed(convs: list[Conversation], tokenizer: Any, max_length: int, batch: int = 256) -> list[dict[str, Any]]:
+    """Continued pre-training samples, as LLaMA-Factory's pt stage makes them: every document followed by
+    eos, all joined into one token stream and cut into blocks of max_length, labels on every token. No
+    padding is wasted on short documents; only the last block may be shorter. A block records the
+    document it starts in (`source`, `location`) and every document it covers (`covers`, for the report)."""
+    import bisect
+
+    stream: list[int] = []
+    starts: list[int] = []  # where each document begins in the stream
+    for first in range(0, len(convs), batch):
+        texts = [conv.messages[0]["content"] for conv in convs[first:first + batch]]
+        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            starts.append(len(stream))
+            stream += ids + [tokenizer.eos_token_id]
+    rows = []
+    for begin in range(0, len(stream), max_length):
+        block = stream[begin:begin + max_length]
+        if len(block) < 2:  # a lone final eos has nothing to predict
+            continue
+        first_doc = bisect.bisect_right(starts, begin) - 1
+        last_doc = bisect.bisect_right(starts, begin + len(block) - 1) - 1
+        conv = convs[first_doc]
+        rows.append({
+            "input_ids": block, "labels": list(block), "length": len(block), "truncated": False,
+            "source": conv.source, "location": str(conv.location),
+            "messages": [{"role": "text", "content": tokenizer.decode(block)}], "tools": "",
+            "covers": [(c.source, str(c.location)) for c in convs[first_doc:last_doc + 1]],
+        })
+    return rows
+
+
 def _to_dataset(rows: list[dict[str, Any]]) -> "Dataset":
     from datasets import Dataset
 
@@ -307,7 +354,8 @@ def _write(prepared: PreparedData, config: QatuneConfig, template_source: str, l
     if prepared.validation is not None:
         parts["validation"] = prepared.validation
     DatasetDict(parts).save_to_disk(str(out / DATASET_DIR))
-    (out / TEMPLATE_FILE).write_text(template_source, encoding="utf-8")
+    if template_source:  # a base model's pt run has none
+        (out / TEMPLATE_FILE).write_text(template_source, encoding="utf-8")
     (out / CONFIG_FILE).write_text(config.to_yaml(), encoding="utf-8")
     with open(out / DROPS_FILE, "w", encoding="utf-8") as f:
         for drop in log.drops:
@@ -324,7 +372,7 @@ def fingerprint(config: QatuneConfig) -> str:
     input file's size and mtime. Equal fingerprints mean `prepare` would write the same dataset."""
     digest = hashlib.sha256()
     settings = {"data": config.data.model_dump(mode="json", exclude={"output_dir"}),
-                "model": config.model.model_dump(mode="json"), "version": __version__}
+                "model": config.model.model_dump(mode="json"), "stage": config.train.stage, "version": __version__}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     data = config.data
     for source in data.sources + data.eval_sources + data.general_sources:

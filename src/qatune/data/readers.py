@@ -1,5 +1,7 @@
 """Stream records out of JSON, JSONL, CSV/TSV and Parquet files, each with its line or row.
 
+A plain .txt or .md file is one `text` record (a document for `train.stage: pt`).
+
 Nothing here loads a whole file: JSONL and CSV go line by line, JSON arrays are decoded one
 element at a time from a growing buffer, Parquet batch by batch. A record that cannot be read
 comes out as a `RawRecord` with `error` set, so the caller decides to stop (`on_error: raise`) or
@@ -20,6 +22,9 @@ from typing import Any
 from qatune.errors import DataError, DataFormatError, EmptyFileError, EncodingError, Location
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+# Read as one `text` record each: named directly, or in a folder whose source has `format: text`
+# (a folder of Q&A files often holds a README.md that is not training data).
+PLAIN_TEXT_SUFFIXES = (".txt", ".md")
 REGISTRY_FILE = "dataset_info.json"
 _CHUNK = 1 << 20
 
@@ -33,28 +38,30 @@ class RawRecord:
     error: DataError | None = None
 
 
-def data_files(path: str | Path) -> list[Path]:
-    """The data files at `path`: the file itself, or every supported file under a folder, sorted."""
+def data_files(path: str | Path, plain_text: bool = False) -> list[Path]:
+    """The data files at `path`: the file itself, or every supported file under a folder, sorted.
+    A folder's .txt/.md files count only with `plain_text` (a source of format text)."""
     path = Path(path).expanduser()
     if path.is_file():
-        if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+        if path.suffix.lower() not in SUPPORTED_SUFFIXES + PLAIN_TEXT_SUFFIXES:
             raise DataError(
                 f"unsupported file type '{path.suffix}'",
                 Location(str(path)),
-                hint=f"use one of {', '.join(SUPPORTED_SUFFIXES)}",
+                hint=f"use one of {', '.join(SUPPORTED_SUFFIXES + PLAIN_TEXT_SUFFIXES)}",
             )
         return [path]
+    suffixes = SUPPORTED_SUFFIXES + (PLAIN_TEXT_SUFFIXES if plain_text else ())
     if path.is_dir():
         files = sorted(
             p
             for p in path.rglob("*")
             if p.is_file()
-            and p.suffix.lower() in SUPPORTED_SUFFIXES
+            and p.suffix.lower() in suffixes
             and p.name != REGISTRY_FILE
             and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
         if not files:
-            raise DataError(f"folder holds no {', '.join(SUPPORTED_SUFFIXES)} files", Location(str(path)))
+            raise DataError(f"folder holds no {', '.join(suffixes)} files", Location(str(path)))
         return files
     raise DataError("no such file or folder", Location(str(path)))
 
@@ -62,9 +69,8 @@ def data_files(path: str | Path) -> list[Path]:
 def read_records(path: Path, encoding: str = "utf-8") -> Iterator[RawRecord]:
     """Stream the records of one file. An empty file raises EmptyFileError."""
     suffix = path.suffix.lower()
-    reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_csv, ".parquet": _read_parquet}[
-        suffix
-    ]
+    reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_csv, ".parquet": _read_parquet,
+              ".txt": _read_plain_text, ".md": _read_plain_text}[suffix]
     if suffix != ".parquet":
         try:
             codecs.lookup(encoding)
@@ -121,6 +127,18 @@ def _read_jsonl(path: Path, encoding: str) -> Iterator[RawRecord]:
                 yield RawRecord(loc, error=DataFormatError(f"malformed JSON: {exc.msg} at column {exc.colno}", loc))
                 continue
             yield _as_object(data, loc)
+
+
+def _read_plain_text(path: Path, encoding: str) -> Iterator[RawRecord]:
+    raw = path.read_bytes()
+    if not raw.strip():
+        return
+    try:
+        text = raw.decode(_text_encoding(encoding))
+    except UnicodeDecodeError:
+        yield RawRecord(Location(str(path), 1), error=_first_undecodable_line(path, encoding))
+        return
+    yield RawRecord(Location(str(path), 1), data={"text": text})
 
 
 def _as_object(data: Any, loc: Location) -> RawRecord:

@@ -48,6 +48,10 @@ EVAL_LEAKAGE = "eval_leakage"
 TOO_LONG = "too_long"
 CONTROL_TOKEN = "control_token"
 DROP_REASONS = (MALFORMED, EMPTY, TOO_SHORT, DUPLICATE, NEAR_DUPLICATE, EVAL_LEAKAGE, CONTROL_TOKEN, TOO_LONG)
+# Why a generated pair or paraphrase was not kept (`qatune data from-docs`, `qatune data augment`).
+UNPARSEABLE = "unparseable"  # the model's output holds no question/answer (or paraphrase) it could be read as
+CAP_REACHED = "cap_reached"  # more paraphrases than augment.per_question
+GENERATED_DROP_REASONS = (EMPTY, UNPARSEABLE, TOO_SHORT, DUPLICATE, NEAR_DUPLICATE, CAP_REACHED)
 
 
 @dataclass(slots=True)

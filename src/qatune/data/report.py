@@ -39,9 +39,11 @@ def build_report(*, config: "QatuneConfig", tokenizer: Any, template: dict[str, 
     for split_name, rows in splits.items():
         seen: set[str] = set()
         for row in rows:
-            if row["location"] not in seen:  # a long text may give several samples: count the record once
-                seen.add(row["location"])
-                kept[row["source"]][split_name] += 1
+            # A long text may give several samples: count the record once. A packed pt block covers several.
+            for source, location in row.get("covers") or [(row["source"], row["location"])]:
+                if location not in seen:
+                    seen.add(location)
+                    kept[source][split_name] += 1
     drops_by_source = log.by_source()
     sources = [
         {

@@ -63,6 +63,18 @@ def reference_losses(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBa
     return losses
 
 
+def text_losses(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", texts: list[str], max_length: int,
+                pad_id: int, batch_size: int = 8) -> list[tuple[float, int] | None]:
+    """Each plain text's mean loss per token and its token count, as a pt stage trains it (no template,
+    every token after the first predicted, eos at the end); a text is cut to max_length tokens."""
+    samples = []
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)[:max_length - 1] + [tokenizer.eos_token_id]
+        samples.append((ids, [IGNORE_INDEX] + ids[1:]))  # nothing predicts the first token
+    return [(-total / count, count) if count else None
+            for total, count in labelled_logprobs(model, samples, pad_id, batch_size)]
+
+
 def corpus_perplexity(losses: list[tuple[float, int] | None]) -> float | None:
     """exp of the token-weighted mean loss over all reference answers."""
     pairs = [pair for pair in losses if pair is not None]

@@ -17,6 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from qatune import __version__
@@ -174,8 +175,10 @@ def _check_reporter(report_to: str) -> None:
 # The stage
 
 
-def train(config: QatuneConfig, console: "Console | None" = None) -> TrainResult:
-    """Fine-tune `config.model` on `config.data` with `config.method`; write everything to train.output_dir."""
+def train(config: QatuneConfig, console: "Console | None" = None, callbacks: Sequence[Any] = ()) -> TrainResult:
+    """Fine-tune `config.model` on `config.data` with `config.method`; write everything to train.output_dir.
+
+    `callbacks` are extra transformers TrainerCallbacks (`qatune tune` prunes trials through one)."""
     import torch
     import transformers
     from rich.console import Console
@@ -183,7 +186,7 @@ def train(config: QatuneConfig, console: "Console | None" = None) -> TrainResult
     from accelerate import PartialState
 
     from qatune.data.prepare import prepare_or_reuse
-    from qatune.data.templates import resolve_template
+    from qatune.data.templates import stage_template
     from qatune.infer.generation import save_generation_config
     from qatune.models import load_tokenizer
     from qatune.train.collator import PaddingCollator
@@ -211,11 +214,14 @@ def train(config: QatuneConfig, console: "Console | None" = None) -> TrainResult
     if data.validation is None and cfg.early_stopping_patience:
         raise TrainError("train.early_stopping_patience needs eval data, and this dataset has none",
                          hint="set data.val_size above 0 or add data.eval_sources")
+    if config.eval.after_train and cfg.stage == "pt":
+        raise TrainError("eval.after_train answers questions, and a pt stage learns plain text (its eval loss "
+                         "is the held-out perplexity)", hint="set eval.after_train=false; evaluate the sft stage")
     if config.eval.after_train and not config.eval.data and data.validation is None:
         raise TrainError("eval.after_train has nothing to evaluate: no eval.data and no held-out split",
                          hint="set eval.data, data.eval_sources or data.val_size above 0")
     tokenizer = load_tokenizer(config.model)
-    template = resolve_template(tokenizer, config.data.template)
+    template = stage_template(tokenizer, config.data.template, cfg.stage)
 
     transformers.utils.logging.disable_progress_bar()
     transformers.set_seed(cfg.seed)  # before the model: adapter initialisation is seeded too
@@ -228,7 +234,8 @@ def train(config: QatuneConfig, console: "Console | None" = None) -> TrainResult
     out.mkdir(parents=True, exist_ok=True)
     if main:
         (out / CONFIG_FILE).write_text(config.to_yaml(), encoding="utf-8")
-    preview = _preview_rows(data.validation, cfg.preview_questions) if main else []
+    # A pt stage has documents, not questions, to preview.
+    preview = _preview_rows(data.validation, cfg.preview_questions) if main and cfg.stage == "sft" else []
     if preview:  # the checkpoint, if any, is loaded later, inside trainer.train(): this is the base model
         for row, answer in zip(preview, _answers(model, tokenizer, template, preview, config, base=True)):
             row["base"] = answer
@@ -239,15 +246,15 @@ def train(config: QatuneConfig, console: "Console | None" = None) -> TrainResult
     args = training_arguments(config, precision, device, len(train_set), eval_set is not None,
                               getattr(model, "_no_split_modules", None) or [])
     flow = FlowControl(console, evaluate=eval_set is not None)
-    callbacks: list[Any] = [flow, ProgressBar(console)]
+    trainer_callbacks: list[Any] = [flow, ProgressBar(console), *callbacks]
     if cfg.early_stopping_patience:
-        callbacks.append(transformers.EarlyStoppingCallback(cfg.early_stopping_patience,
-                                                            cfg.early_stopping_threshold))
+        trainer_callbacks.append(transformers.EarlyStoppingCallback(cfg.early_stopping_patience,
+                                                                    cfg.early_stopping_threshold))
     trainer = QatuneTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
         data_collator=PaddingCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                                       else template.end_of_turn_id, 8 if device == "cuda" else None),
-        callbacks=callbacks,
+        callbacks=trainer_callbacks,
     )
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # ProgressBar says it all
     if device == "cuda":
@@ -278,7 +285,8 @@ def train(config: QatuneConfig, console: "Console | None" = None) -> TrainResult
     if not main:
         return TrainResult(out, {"rank": processes.process_index, "global_step": trainer.state.global_step},
                            main=False)
-    tokenizer.chat_template = template.source  # the template the model learned, even a named one
+    if template.source:  # the template the model learned, even a named one (a base model's pt run has none)
+        tokenizer.chat_template = template.source
     tokenizer.save_pretrained(str(out))
     save_generation_config(unwrapped, tokenizer, template.end_of_turn_id, out)
     if preview:

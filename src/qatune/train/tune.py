@@ -1,0 +1,228 @@
+"""Hyper-parameter search: `tune(config) -> TuneResult`, an Optuna study of training runs.
+
+Each trial is a `train()` run in its own folder (tune.output_dir/trial-N) with the trial's learning
+rate, LoRA rank and alpha, epochs and warm-up; its value is the run's best eval loss. Every evaluation
+is reported to Optuna, and the pruner stops a trial that does worse than earlier ones at the same step.
+The study lives in a database (SQLite by default), so a stopped search resumes: a re-run counts the
+complete and pruned trials and runs only the missing ones. Trials run one after another in one process;
+a trial still marked running when `tune` starts was left by a stopped run, so it is marked failed and
+queued again with the same parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qatune.config import QatuneConfig, TuneConfig
+from qatune.errors import QatuneError
+
+if TYPE_CHECKING:
+    import optuna
+    from rich.console import Console
+
+BEST_CONFIG_FILE = "best_config.yaml"
+SUMMARY_FILE = "tune_summary.json"
+HISTORY_PLOT_FILE = "optimization_history.png"
+DATABASE_FILE = "study.db"
+TRIAL_PREFIX = "trial-"
+
+
+class TuneError(QatuneError):
+    """The search cannot start."""
+
+
+@dataclass
+class TuneResult:
+    output_dir: Path
+    summary: dict[str, Any]
+    best_config: Path | None  # None until a trial completes
+    ran: int  # trials run by this call
+    interrupted: bool = False
+
+
+def storage_url(cfg: TuneConfig) -> str:
+    return cfg.storage or f"sqlite:///{Path(cfg.output_dir) / DATABASE_FILE}"
+
+
+def tune(config: QatuneConfig, console: "Console | None" = None) -> TuneResult:
+    """Run (or resume) the study until it holds tune.trials complete or pruned trials; write the best config,
+    a summary and the optimisation history."""
+    import optuna
+    from optuna.trial import TrialState
+    from rich.console import Console
+
+    from qatune.train.run import train
+
+    console = console or Console()
+    cfg = config.tune
+    _check(config)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials,
+                                          n_warmup_steps=cfg.pruner_warmup_steps)
+              if cfg.pruner == "median" else optuna.pruners.NopPruner())
+    study = optuna.create_study(study_name=cfg.study_name, storage=storage_url(cfg), load_if_exists=True,
+                                direction="minimize", sampler=optuna.samplers.TPESampler(seed=cfg.seed),
+                                pruner=pruner)
+    for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        console.print(f"trial {stale.number} was left running by a stopped search: marked failed, queued again")
+        _requeue(study, stale)
+    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    remaining = max(cfg.trials - done, 0)
+    console.print(f"Study {cfg.study_name!r} in {storage_url(cfg)}: {done} trial(s) done, {remaining} to run")
+    ran = 0
+    interrupted = False
+    for _ in range(remaining):
+        trial = study.ask()
+        overrides = _suggest(trial, cfg, config.method.name)
+        shown = ", ".join(f"{k.split('.')[-1]}={v:.3g}" for k, v in overrides.items())
+        console.print(f"[bold]trial {trial.number}[/bold]: {shown}")
+        trial_config = _with(config, {
+            **overrides, "train.output_dir": str(out / f"{TRIAL_PREFIX}{trial.number}"),
+            "train.overwrite_output_dir": True, "train.resume": False,
+            # Step 0 would be the same base loss in every trial; previews and evaluations belong to the final run.
+            "train.eval_at_start": False, "train.preview_questions": 0, "eval.after_train": False,
+        })
+        ran += 1
+        try:
+            result = train(trial_config, console, callbacks=[_pruning_callback(trial)])
+        except optuna.TrialPruned as pruned:
+            study.tell(trial, state=TrialState.PRUNED)
+            console.print(f"trial {trial.number} pruned: {pruned}")
+            continue
+        except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint, but the trial is run again on resume
+            _requeue(study, trial)
+            raise
+        except BaseException:
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        if result.interrupted:
+            _requeue(study, trial)
+            interrupted = True
+            break
+        value = result.report.get("best_eval_loss")
+        study.tell(trial, value)
+        console.print(f"trial {trial.number}: best eval loss {value:.4f}")
+    summary = _summarize(study, config, out)
+    best = out / BEST_CONFIG_FILE if summary["best"] else None
+    return TuneResult(out, summary, best, ran, interrupted)
+
+
+def _check(config: QatuneConfig) -> None:
+    data, cfg = config.data, config.tune
+    if data.val_size == 0 and not data.eval_sources:
+        raise TuneError("tune minimises the eval loss, and this config has no eval data",
+                        hint="set data.val_size above 0 or add data.eval_sources")
+    if cfg.num_epochs and config.train.max_steps > 0:
+        raise TuneError(f"train.max_steps={config.train.max_steps} overrides the epochs tune.num_epochs searches",
+                        hint="set train.max_steps=-1, or tune.num_epochs=null to keep the epochs fixed")
+    if cfg.warmup_ratio and cfg.warmup_ratio[1] >= 1:
+        raise TuneError(f"tune.warmup_ratio={cfg.warmup_ratio} reaches 1: no step would be at full learning rate",
+                        hint="use a range below 1, e.g. [0.0, 0.1]")
+
+
+def _suggest(trial: "optuna.Trial", cfg: TuneConfig, method: str) -> dict[str, Any]:
+    """This trial's values, keyed by the config key they override."""
+    values: dict[str, Any] = {}
+    if cfg.learning_rate:
+        values["train.learning_rate"] = trial.suggest_float("learning_rate", *cfg.learning_rate, log=True)
+    if cfg.num_epochs:
+        values["train.num_epochs"] = trial.suggest_int("num_epochs", *cfg.num_epochs)
+    if cfg.warmup_ratio:
+        values["train.warmup_ratio"] = trial.suggest_float("warmup_ratio", *cfg.warmup_ratio)
+    if method in ("lora", "qlora"):
+        if cfg.lora_rank:
+            values["method.lora_rank"] = trial.suggest_categorical("lora_rank", cfg.lora_rank)
+        if cfg.lora_alpha:
+            values["method.lora_alpha"] = trial.suggest_categorical("lora_alpha", cfg.lora_alpha)
+    return values
+
+
+def _with(config: QatuneConfig, values: dict[str, Any]) -> QatuneConfig:
+    """A copy of the config with `section.key` values set, validated like a loaded config."""
+    raw = config.model_dump(mode="json")
+    for key, value in values.items():
+        section, name = key.split(".")
+        raw[section][name] = value
+    return QatuneConfig.model_validate(raw)
+
+
+def _requeue(study: "optuna.Study", trial: Any) -> None:
+    """Mark a stopped trial failed and queue its parameters again: the next run repeats it from the start."""
+    from optuna.trial import TrialState
+
+    params = trial.params
+    study.tell(trial.number, state=TrialState.FAIL)
+    study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
+
+
+def _pruning_callback(trial: "optuna.Trial") -> Any:
+    """A TrainerCallback that reports each eval loss to the trial and stops a trial the pruner rejects."""
+    import optuna
+    from transformers import TrainerCallback
+
+    class ReportToOptuna(TrainerCallback):
+        def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any) -> None:
+            loss = (metrics or {}).get("eval_loss")
+            if loss is None:
+                return
+            trial.report(loss, state.global_step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"eval loss {loss:.4f} at step {state.global_step}")
+
+    return ReportToOptuna()
+
+
+def _summarize(study: "optuna.Study", config: QatuneConfig, out: Path) -> dict[str, Any]:
+    """tune_summary.json, best_config.yaml (a complete config `qatune train` takes) and the history plot."""
+    from optuna.trial import FixedTrial, TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = min(complete, key=lambda t: t.value) if complete else None
+    summary: dict[str, Any] = {
+        "study": study.study_name, "storage": storage_url(config.tune), "direction": "minimize",
+        "objective": "best eval loss of the run",
+        "counts": {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState},
+        "trials": [{
+            "number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params,
+            "eval_losses": {str(step): loss for step, loss in sorted(t.intermediate_values.items())},
+            "seconds": t.duration.total_seconds() if t.duration else None, **t.user_attrs,
+        } for t in trials],
+        "best": None,
+    }
+    files = [SUMMARY_FILE]
+    if best is not None:
+        # The best trial's values through the same mapping as its run (a FixedTrial replays its suggestions).
+        best_config = _with(config, _suggest(FixedTrial(best.params), config.tune, config.method.name))
+        header = (f"# Best of {len(complete)} complete trial(s) of study {study.study_name!r}: trial {best.number}, "
+                  f"best eval loss {best.value:.4f}.\n# Train it with: qatune train {out / BEST_CONFIG_FILE}\n")
+        (out / BEST_CONFIG_FILE).write_text(header + best_config.to_yaml(), encoding="utf-8")
+        summary["best"] = {"number": best.number, "value": best.value, "params": best.params,
+                           "run": str(out / f"{TRIAL_PREFIX}{best.number}")}
+        _plot_history(study, out / HISTORY_PLOT_FILE)
+        files += [BEST_CONFIG_FILE, HISTORY_PLOT_FILE]
+    summary["files"] = files
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
+    return summary
+
+
+def _plot_history(study: "optuna.Study", path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+
+    with warnings.catch_warnings():  # the matplotlib backend of optuna.visualization is marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        ax = optuna.visualization.matplotlib.plot_optimization_history(study, target_name="best eval loss")
+    ax.figure.set_size_inches(7, 4)
+    ax.figure.tight_layout()
+    ax.figure.savefig(path, dpi=100)
+    plt.close(ax.figure)
