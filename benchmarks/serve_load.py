@@ -145,6 +145,15 @@ def run_load(url: str, batch: list[str], clients: int) -> dict[str, float]:
             "p50_s": statistics.median(ordered), "p95_s": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]}
 
 
+def engine_counters(url: str) -> tuple[float, float]:
+    """qatune's generated tokens and engine steps so far, from /metrics."""
+    values = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        name, _, value = line.partition(" ")
+        values[name] = value
+    return float(values["qatune_generated_tokens_total"]), float(values["qatune_engine_steps_total"])
+
+
 def measure(kind: str, args: argparse.Namespace, batch: list[str]) -> dict[str, float]:
     process, url = start(kind, args.model, args.max_tokens, args.clients)
     try:
@@ -155,14 +164,11 @@ def measure(kind: str, args: argparse.Namespace, batch: list[str]) -> dict[str, 
         if kind == "qatune":
             result["single_ttft_p50_s"] = statistics.median(first_token(url, q, args.max_tokens)
                                                             for q in batch[:args.single])
+        before = engine_counters(url) if kind == "qatune" else None
         result.update(run_load(url, batch, args.clients))
-        if kind == "qatune":
-            metrics = httpx.get(url + "/metrics").text
-            tokens = next(float(line.split()[-1]) for line in metrics.splitlines()
-                          if line.startswith("qatune_generated_tokens_total "))
-            steps = next(float(line.split()[-1]) for line in metrics.splitlines()
-                         if line.startswith("qatune_engine_steps_total "))
-            result["mean_rows_per_step"] = tokens / steps
+        if before is not None:  # generated tokens per model step during the load: the mean batch
+            after = engine_counters(url)
+            result["mean_rows_per_step"] = (after[0] - before[0]) / (after[1] - before[1])
         return result
     finally:
         process.terminate()

@@ -245,3 +245,25 @@ def test_serve_refuses_a_prefix_adapter(tmp_path, tiny_model_dir):
     with pytest.raises(ServeError, match="only LoRA"):
         load_engine(serve_config(tiny_model_dir, {"pre": tmp_path}))
     json.loads((tmp_path / "adapter_config.json").read_text())  # untouched
+
+
+def test_served_answers_equal_generate_for_the_base_and_each_adapter(server, tiny_model_dir, lora_adapters):
+    """Prefix cache, mixed-adapter batches and templates change nothing: the service answers what
+    infer.generation.generate answers with that model alone."""
+    import torch
+
+    from qatune.config import ModelConfig
+    from qatune.infer.generation import Decoding, generate
+    from qatune.infer.load import load_for_inference
+
+    questions = ["What is a fever?", "感冒了应该注意什么？"]
+    for name, adapter in [(base_name(server), None), *lora_adapters.items()]:
+        template = server.engine.models[name].template
+        model, tok, template = load_for_inference(ModelConfig(name_or_path=str(tiny_model_dir)), str(tiny_model_dir),
+                                                  adapter, template.source, torch.float32, "cpu")
+        expected = generate(model, tok, template.source, [[{"role": "user", "content": q}] for q in questions],
+                            Decoding(max_new_tokens=10), template.end_of_turn_id)
+        served = [httpx.post(server.url + "/v1/chat/completions", json={
+            "model": name, "messages": [{"role": "user", "content": q}], "max_tokens": 10, "temperature": 0},
+            timeout=60).json()["choices"][0]["message"]["content"] for q in questions]
+        assert [s.strip() for s in served] == [a.text for a in expected], name

@@ -57,6 +57,24 @@ def test_rows_joining_and_leaving_match_each_request_alone(tiny):
     assert [r.generated for r in requests] == expected
 
 
+def test_prefix_cache_gives_the_same_tokens(tiny):
+    """Prompts that start with the cached prefix are prefilled from after it; others run whole."""
+    model, tok = tiny
+    prefix = tok.encode("<|im_start|>system\nYou are a careful assistant.<|im_end|>\n<|im_start|>user\n")
+    own = ["hello", "什么是高血压？", "one two three four five", "a"]
+    prompts = [prefix + tok.encode(t) for t in own] + [tok.encode("no prefix here"), prefix]
+    expected = [alone(model, p, 6) for p in prompts]
+    done = [threading.Event() for _ in prompts]
+    requests = [make(p, Sampling(6), d) for p, d in zip(prompts, done)]
+    batcher = ContinuousBatcher(model, tok, max_batch_size=4, pad_id=0, prefixes={None: prefix})
+    for r in requests:
+        batcher.submit(r)
+    run(batcher, requests, done)
+    assert [r.generated for r in requests] == expected
+    assert list(batcher._prefix_cache) == [None]  # computed once, then reused
+    assert [bool(batcher._prefix_of(r)) for r in requests] == [True] * 4 + [False, False]
+
+
 def test_stop_token_and_stop_string(tiny):
     model, tok = tiny
     prompt = tok.encode("one two three")

@@ -165,8 +165,24 @@ def load_engine(config: "QatuneConfig", on_step: Any = None) -> Engine:
             _check_lora(served)
             model = attach_adapter(model, served.adapter, config.model.name_or_path, name=served.name)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else base.stop_ids[0]
-    batcher = ContinuousBatcher(model, tokenizer, config.serve.max_batch_size, config.serve.max_queue, pad_id, on_step)
+    prefixes = {served.name if served.adapter else None: template_prefix(tokenizer, served) for served in models.values()}
+    batcher = ContinuousBatcher(model, tokenizer, config.serve.max_batch_size, config.serve.max_queue, pad_id, on_step,
+                                prefixes)
     return LocalEngine(batcher, models, default, getattr(model.config, "max_position_embeddings", None))
+
+
+def template_prefix(tokenizer: Any, served: ServedModel) -> list[int]:
+    """The tokens every one-question prompt of this model starts with (system prompt and headers)."""
+    from qatune.data.templates import render
+
+    def tokens(question: str) -> list[int]:
+        text = render(tokenizer, served.template.source, [{"role": "user", "content": question}],
+                      add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    first, second = tokens("a"), tokens("b")
+    shared = next((i for i, (x, y) in enumerate(zip(first, second)) if x != y), min(len(first), len(second)))
+    return first[:shared]
 
 
 def _check_lora(served: ServedModel) -> None:
