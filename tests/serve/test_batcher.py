@@ -119,3 +119,16 @@ def test_queue_bound_and_cancel_before_start(tiny):
     finally:
         batcher.stop()
     assert first.generated == []
+
+
+def test_a_tiny_temperature_is_greedy(tiny):
+    """1e-114 would overflow the division by the temperature; it means greedy, as 0 does."""
+    model, tok = tiny
+    prompt = tok.encode("one two three")
+    done = [threading.Event(), threading.Event()]
+    requests = [make(prompt, Sampling(6, temperature=t), d) for t, d in zip((8.4e-114, 1e-300), done)]
+    batcher = ContinuousBatcher(model, tok, pad_id=0)
+    for r in requests:
+        batcher.submit(r)
+    run(batcher, requests, done)
+    assert [r.generated for r in requests] == [alone(model, prompt, 6)] * 2

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("qatune.serve")
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+GREEDY_BELOW = 1e-5  # a temperature this small is greedy (as in vLLM): dividing by it overflows
 
 
 @dataclass
@@ -285,20 +286,22 @@ class ContinuousBatcher:
         tokens = logits.argmax(-1).tolist()
         for i, r in enumerate(rows):
             s = r.sampling
-            if s.temperature <= 0 and s.repetition_penalty == 1.0:
+            greedy = s.temperature < GREEDY_BELOW
+            if greedy and s.repetition_penalty == 1.0:
                 continue
             history = torch.tensor([r.prompt_ids + r.generated], device=logits.device)
             scores = logits[i:i + 1]
             if s.repetition_penalty != 1.0:
                 scores = RepetitionPenaltyLogitsProcessor(s.repetition_penalty)(history, scores)
-            if s.temperature <= 0:
+            if greedy:
                 tokens[i] = int(scores.argmax(-1))
                 continue
             scores = TemperatureLogitsWarper(s.temperature)(history, scores)
             if s.top_p < 1.0:
                 scores = TopPLogitsWarper(s.top_p)(history, scores)
             probs = torch.softmax(scores, dim=-1)
-            tokens[i] = int(torch.multinomial(probs, 1, generator=r.generator))
+            if torch.isfinite(probs).all():  # else (overflowing logits) keep the greedy token
+                tokens[i] = int(torch.multinomial(probs, 1, generator=r.generator))
         return tokens
 
     def _append(self, request: Request, token: int) -> str | None:
