@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from qatune.data.templates import IGNORE_INDEX, ChatTemplate, render, tokenize
+from qatune.data.templates import IGNORE_INDEX, ChatTemplate, tokenize
 from qatune.eval.sets import ChoiceItem, QAItem
+from qatune.infer.generation import prompt_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -92,8 +93,7 @@ def choice_predictions(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizer
     """
     samples: list[tuple[list[int], list[int]]] = []
     for item in items:
-        prompt = tokenizer.encode(render(tokenizer, template.source, [{"role": "user", "content": item.question}],
-                                         add_generation_prompt=True), add_special_tokens=False)
+        prompt = prompt_ids(tokenizer, template.source, [{"role": "user", "content": item.question}])
         for choice in item.choices:
             answer = tokenizer.encode(choice, add_special_tokens=False)
             samples.append((prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))

@@ -111,7 +111,8 @@ def _generate_options(tokenizer: "PreTrainedTokenizerBase", decoding: Decoding,
     return stops, options
 
 
-def _prompt_ids(tokenizer: "PreTrainedTokenizerBase", template: str, messages: list[dict[str, str]]) -> list[int]:
+def prompt_ids(tokenizer: "PreTrainedTokenizerBase", template: str, messages: list[dict[str, str]]) -> list[int]:
+    """The tokens a model answers after: the messages in `template`, plus the assistant header."""
     return tokenizer.encode(render(tokenizer, template, messages, add_generation_prompt=True), add_special_tokens=False)
 
 
@@ -123,7 +124,7 @@ def generate(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", tem
     Prompts are batched by length (longest first) so that a batch holds little padding.
     """
     stops, options = _generate_options(tokenizer, decoding, end_of_turn_id)
-    encoded = [_prompt_ids(tokenizer, template, p) for p in prompts]
+    encoded = [prompt_ids(tokenizer, template, p) for p in prompts]
     answers: list[Answer | None] = [None] * len(encoded)
     with evaluating(model) as device:
         for rows in length_sorted_batches([len(ids) for ids in encoded], batch_size):
@@ -151,7 +152,7 @@ def stream(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", templ
 
     _, options = _generate_options(tokenizer, decoding, end_of_turn_id)
     device = next(model.parameters()).device
-    input_ids = torch.tensor([_prompt_ids(tokenizer, template, messages)], device=device)
+    input_ids = torch.tensor([prompt_ids(tokenizer, template, messages)], device=device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     failures: list[BaseException] = []
 

@@ -81,10 +81,9 @@ class Engine(Protocol):
 
 def chat_prompt(engine: Engine, model: str, messages: list[dict[str, str]]) -> list[int]:
     """Prompt tokens for a chat: the messages in the model's training template, plus the assistant header."""
-    from qatune.data.templates import render
+    from qatune.infer.generation import prompt_ids
 
-    text = render(engine.tokenizer, engine.models[model].template.source, messages, add_generation_prompt=True)
-    return engine.tokenizer.encode(text, add_special_tokens=False)
+    return prompt_ids(engine.tokenizer, engine.models[model].template.source, messages)
 
 
 class LocalEngine:
@@ -173,14 +172,9 @@ def load_engine(config: "QatuneConfig", on_step: Any = None) -> Engine:
 
 def template_prefix(tokenizer: Any, served: ServedModel) -> list[int]:
     """The tokens every one-question prompt of this model starts with (system prompt and headers)."""
-    from qatune.data.templates import render
+    from qatune.infer.generation import prompt_ids
 
-    def tokens(question: str) -> list[int]:
-        text = render(tokenizer, served.template.source, [{"role": "user", "content": question}],
-                      add_generation_prompt=True)
-        return tokenizer.encode(text, add_special_tokens=False)
-
-    first, second = tokens("a"), tokens("b")
+    first, second = (prompt_ids(tokenizer, served.template.source, [{"role": "user", "content": q}]) for q in "ab")
     shared = next((i for i, (x, y) in enumerate(zip(first, second)) if x != y), min(len(first), len(second)))
     return first[:shared]
 
