@@ -81,7 +81,9 @@ def _load_with_flags(args: Sequence[str], flags: Sequence[tuple[object, str]]):
     from qatune.config import load_config
 
     path, overrides = _split_args(args)
-    overrides += [f"{key}={json.dumps(value)}" for value, key in flags if value not in (None, False, [])]
+    # `is not False`, not `!= False`: a flag given as 0 must reach the config's checks, not vanish.
+    overrides += [f"{key}={json.dumps(value)}" for value, key in flags
+                  if value is not None and value is not False and value != []]
     return load_config(path, overrides)
 
 
@@ -261,53 +263,32 @@ def _eval_summarize(args: list[str], console) -> int:
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
-    import json
-
     from rich.console import Console
 
-    from qatune.config import load_config
     from qatune.export.run import export, print_summary
 
-    path, overrides = _split_args(ns.args)
-    for value, key in ((ns.model, "model"), (ns.adapter, "export.adapter"), (ns.out, "export.output_dir"),
-                       (ns.gguf, "export.gguf"), (ns.quantize, "export.quantize")):
-        if value:
-            overrides.append(f"{key}={json.dumps(value)}")  # JSON is YAML: paths stay strings
-    if ns.force:
-        overrides.append("export.overwrite=true")
+    config = _load_with_flags(ns.args, [(ns.model, "model"), (ns.adapter, "export.adapter"),
+                                        (ns.out, "export.output_dir"), (ns.gguf, "export.gguf"),
+                                        (ns.quantize, "export.quantize"), (ns.force, "export.overwrite")])
     console = Console()
-    result = export(load_config(path, overrides), console)
+    result = export(config, console)
     print_summary(result.report, console)
     console.print(f"Wrote {result.output_dir}/ (report: {result.output_dir}/export_report.json)")
     return 0
 
 
-def _model_overrides(ns: argparse.Namespace) -> list[str]:
-    import json
-
-    path, overrides = _split_args(ns.args)
-    ns.config_path = path
-    if ns.model:
-        overrides.append(f"model={json.dumps(ns.model)}")  # JSON is YAML: paths stay strings
-    return overrides
-
-
 def cmd_chat(ns: argparse.Namespace) -> int:
-    from qatune.config import load_config
     from qatune.infer.chat import ChatSession, chat_loop
 
-    overrides = _model_overrides(ns)
-    session = ChatSession.load(load_config(ns.config_path, overrides), ns.adapter, ns.system)
+    session = ChatSession.load(_load_with_flags(ns.args, [(ns.model, "model")]), ns.adapter, ns.system)
     chat_loop(session)
     return 0
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
-    from qatune.config import load_config
     from qatune.infer.chat import ChatSession
 
-    overrides = _model_overrides(ns)
-    session = ChatSession.load(load_config(ns.config_path, overrides), ns.adapter, ns.system)
+    session = ChatSession.load(_load_with_flags(ns.args, [(ns.model, "model")]), ns.adapter, ns.system)
     for piece in session.ask(ns.question):
         print(piece, end="", flush=True)
     print()
@@ -315,22 +296,16 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
-    import json
-
-    from qatune.config import load_config
     from qatune.serve.app import serve
 
-    overrides = _model_overrides(ns)
-    for value, key in ((ns.host, "serve.host"), (ns.port, "serve.port"), (ns.engine, "serve.engine")):
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
+    adapters = None
     if ns.adapter:  # given on the command line, these replace the config's serve.adapters
         adapters = {}
         for item in ns.adapter:
             name, _, folder = item.rpartition("=")
             adapters[name or folder.rstrip("/").rsplit("/", 1)[-1]] = folder  # a bare folder: its own name
-        overrides.append(f"serve.adapters={json.dumps(adapters)}")
-    serve(load_config(ns.config_path, overrides))
+    serve(_load_with_flags(ns.args, [(ns.model, "model"), (ns.host, "serve.host"), (ns.port, "serve.port"),
+                                     (ns.engine, "serve.engine"), (adapters, "serve.adapters")]))
     return 0
 
 
