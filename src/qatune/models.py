@@ -121,7 +121,6 @@ def load_model(cfg: ModelConfig, dtype: "torch.dtype | None" = None, **kwargs: A
     plain safetensors read that supports quantization_config, save_pretrained and device_map.
     Extra keyword arguments (quantization_config, device_map, attn_implementation) go to
     `from_pretrained`."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     loc = locate_model(cfg)
@@ -130,7 +129,7 @@ def load_model(cfg: ModelConfig, dtype: "torch.dtype | None" = None, **kwargs: A
         return _load_merged(cfg, loc, base, dtype, **kwargs)
     path = str(gguf_as_hf_folder(loc, weights=True)) if loc.gguf_file else loc.path
     if dtype is None:
-        dtype = compute_dtype() if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+        dtype = configured_dtype(cfg)
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, revision=None if loc.gguf_file else cfg.revision,
@@ -208,6 +207,13 @@ def native_bf16(device: str = "cpu") -> bool:
     if device.startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def configured_dtype(cfg: ModelConfig, device: str | None = None) -> "torch.dtype":
+    """`model.dtype`: the one asked for, or with `auto` the fastest safe one here (compute_dtype)."""
+    import torch
+
+    return compute_dtype(device) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
 
 
 def compute_dtype(device: str | None = None) -> "torch.dtype":

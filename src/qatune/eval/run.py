@@ -68,7 +68,7 @@ def evaluate(config: QatuneConfig, specs: list[ModelSpec], sets: list[EvalSet] |
 
     from qatune.eval import report as eval_report
     from qatune.infer.load import load_for_inference
-    from qatune.models import compute_dtype
+    from qatune.models import configured_dtype
 
     console = console or Console()
     transformers.utils.logging.disable_progress_bar()
@@ -82,7 +82,7 @@ def evaluate(config: QatuneConfig, specs: list[ModelSpec], sets: list[EvalSet] |
         console.print(f"Set {s.name} ({s.role}): {len(s.qa)} Q&A, {len(s.choice)} multiple choice"
                       + (f"; skipped {skipped}" if skipped else ""))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = compute_dtype(device)
+    dtype = configured_dtype(config.model, device)
     template_source = _template_source(config, specs[-1])
     scores: dict[str, dict[str, dict[str, Any]]] = {}
     predictions: dict[str, list[dict[str, Any]]] = {}

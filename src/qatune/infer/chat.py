@@ -41,13 +41,13 @@ class ChatSession:
         import torch
 
         from qatune.infer.load import load_for_inference, trained_template
-        from qatune.models import compute_dtype
+        from qatune.models import configured_dtype
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model_name = config.model.name_or_path
         template = trained_template(config.model, model_name, adapter, config.data.template)
         model, tokenizer, template = load_for_inference(config.model, model_name, adapter, template.source,
-                                                        compute_dtype(device), device)
+                                                        configured_dtype(config.model, device), device)
         return cls(model, tokenizer, template, decoding_from(config), system)
 
     def ask(self, question: str) -> Iterator[str]:

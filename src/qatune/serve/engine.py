@@ -152,13 +152,13 @@ def load_engine(config: "QatuneConfig", on_step: Any = None) -> Engine:
     import torch
 
     from qatune.infer.load import load_for_inference
-    from qatune.models import attach_adapter, compute_dtype
+    from qatune.models import attach_adapter, configured_dtype
 
     models, default = served_models(config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = models[next(iter(models))]
     model, tokenizer, _ = load_for_inference(config.model, config.model.name_or_path, None, base.template.source,
-                                             compute_dtype(device), device)
+                                             configured_dtype(config.model, device), device)
     for served in models.values():
         if served.adapter is not None:
             _check_lora(served)
