@@ -1,8 +1,10 @@
-"""Batching: dynamic padding to the longest sample of each batch, labels from the data stage.
+"""Batching, labels from the data stage: padding-free rows (the default) or dynamic padding.
 
-Samples come tokenized with assistant-only labels (IGNORE_INDEX elsewhere). Padding only to the
-batch's longest sample, with length-grouped sampling in the Trainer, keeps padding small; on a GPU
-the length is rounded up to a multiple of 8 for tensor cores.
+Samples come tokenized with assistant-only labels (IGNORE_INDEX elsewhere). `PackingCollator` lays
+a micro-batch's samples end to end in one row with no padding at all (`train.padding_free`), and
+train/attention.py keeps each sample's attention to itself. `PaddingCollator` pads to the batch's
+longest sample (with length-grouped sampling in the Trainer that keeps padding small; on a GPU the
+length is rounded up to a multiple of 8 for tensor cores).
 """
 
 from __future__ import annotations
@@ -34,3 +36,25 @@ class PaddingCollator:
             labels[row, :n] = torch.as_tensor(sample["labels"])
             attention_mask[row, :n] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@dataclass
+class PackingCollator:
+    """One row of all the samples, positions restarting at 0 for each, and their boundaries.
+
+    The first label of every sample is IGNORE_INDEX, so the last token of one sample is never
+    trained to predict the first token of the next. `cu_seq_lens_*`/`max_length_*` are
+    FlashAttention's varlen arguments; transformers passes them through to the attention."""
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        lengths = [len(s["input_ids"]) for s in samples]
+        input_ids = torch.cat([torch.as_tensor(s["input_ids"], dtype=torch.long) for s in samples])
+        labels = torch.cat([torch.as_tensor(s["labels"], dtype=torch.long) for s in samples])
+        bounds = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        labels[bounds[:-1].long()] = IGNORE_INDEX
+        position_ids = torch.cat([torch.arange(n, dtype=torch.long) for n in lengths])
+        longest = max(lengths)
+        return {"input_ids": input_ids[None], "labels": labels[None], "position_ids": position_ids[None],
+                "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}

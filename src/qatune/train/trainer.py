@@ -51,6 +51,19 @@ class QatuneTrainer(Trainer):
             return None
         return super()._get_num_items_in_batch(batch_samples, device)
 
+    def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        # A compute_loss_func that brings its own forward arguments (LabelledCrossEntropy: no logits,
+        # the last hidden state) gets them on every call, training and evaluation alike.
+        extra = getattr(self.compute_loss_func, "model_kwargs", None)
+        return super().compute_loss(model, {**inputs, **extra} if extra else inputs, *args, **kwargs)
+
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        # A padding-free row has no attention mask and no padding. Counting tokens unlike pad_token_id
+        # would miss real end-of-turn tokens wherever the pad token is the end-of-turn token (SmolLM2).
+        if "cu_seq_lens_q" in inputs:
+            inputs = {**inputs, "attention_mask": torch.ones_like(inputs["input_ids"])}
+        super()._track_num_input_tokens(inputs)
+
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy != "group_by_length":
