@@ -217,8 +217,11 @@ class TrainConfig(Section):
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (full fine-tuning wants ~1e-5).")
     num_epochs: float = Field(3.0, gt=0, description="Passes over the train set.")
     max_steps: int = Field(-1, description="Stop after this many optimiser steps (-1: use num_epochs).")
-    per_device_batch_size: int = Field(4, ge=1, description="Samples per device per step.")
-    gradient_accumulation_steps: int = Field(4, ge=1, description="Steps accumulated per optimiser update.")
+    per_device_batch_size: int = Field(
+        2, ge=1, description="Samples per device per step. 2 x 8 (effective 16) trained as fast as 4 x 4 with "
+        "padding-free rows on a 2-core CPU, at 69% of the peak memory; raise it on a GPU with memory to spare.",
+    )
+    gradient_accumulation_steps: int = Field(8, ge=1, description="Steps accumulated per optimiser update.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps used to warm the learning rate up.")
     warmup_steps: int = Field(0, ge=0, description="Warm-up in optimiser steps; overrides warmup_ratio when above 0.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -231,6 +234,28 @@ class TrainConfig(Section):
         "fp16 on older GPUs, else fp32; never fp16 on CPU.",
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (recompute activations).")
+    padding_free: bool = Field(
+        True,
+        description="Lay each micro-batch's samples end to end in one row with per-sample positions: no padding, "
+        "and attention stays within each sample (FlashAttention varlen on CUDA with flash-attn, else one SDPA call "
+        "per sample). Off: pad each batch to its longest sample. Prefix tuning always pads.",
+    )
+    chunked_loss: bool = Field(
+        True,
+        description="Project only the answer tokens onto the vocabulary, in chunks, computing cross-entropy and "
+        "its gradient together: the full logits are never held. Off: the model's own loss over all positions.",
+    )
+    lean_dropout: bool = Field(
+        True,
+        description="On CPUs, LoRA dropout draws 15 random bits per element and keeps boolean masks: ~5x faster "
+        "than torch's bernoulli and a quarter of the memory (p rounded to 1/32768). CUDA keeps torch's fused dropout.",
+    )
+    cpu_kernel_cache: int = Field(
+        64, ge=1,
+        description="CPU: how many compiled oneDNN/ideep kernels are kept (one per shape; padding-free rows change "
+        "shape every batch). The libraries' own 1024 let peak memory grow ~40% over a run at the same speed. "
+        "ONEDNN_PRIMITIVE_CACHE_CAPACITY / LRU_CACHE_CAPACITY in the environment win.",
+    )
     group_by_length: bool = Field(True, description="Batch samples of similar length together: less padding.")
     seed: int = Field(42, description="Seed for initialisation, dropout and data order.")
     logging_steps: int | None = Field(None, ge=1, description="Log loss every N steps (default: ~50 points a run).")

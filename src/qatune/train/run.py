@@ -15,9 +15,10 @@ import os
 import resource
 import shutil
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from qatune import __version__
@@ -40,6 +41,8 @@ RESUMABLE_CHANGES = (
     "train.resume", "train.overwrite_output_dir", "train.num_epochs", "train.max_steps", "train.eval_steps",
     "train.save_steps", "train.save_total_limit", "train.logging_steps", "train.report_to", "train.eval_at_start",
     "train.early_stopping_patience", "train.early_stopping_threshold", "train.preview_questions",
+    # speed switches: the same computation, batched or projected differently
+    "train.padding_free", "train.chunked_loss", "train.lean_dropout", "train.cpu_kernel_cache",
     "data.output_dir", "eval.", "serve.", "export.",
 )
 
@@ -189,7 +192,6 @@ def train(config: QatuneConfig, console: "Console | None" = None, callbacks: Seq
     from qatune.data.templates import stage_template
     from qatune.infer.generation import save_generation_config
     from qatune.models import load_tokenizer
-    from qatune.train.collator import PaddingCollator
     from qatune.train.methods import apply_method, check_method_here, load_for_method, summarize
     from qatune.train.trainer import FlowControl, ProgressBar, QatuneTrainer
 
@@ -203,6 +205,9 @@ def train(config: QatuneConfig, console: "Console | None" = None, callbacks: Seq
     console.quiet = console.quiet or not main  # one voice: rank 0 reports
     check_method_here(config.method, device)
     check_distributed(cfg.distributed, device)
+    # oneDNN and ideep read these when they next cache a kernel; the user's own settings stay.
+    for cache_capacity in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        os.environ.setdefault(cache_capacity, str(cfg.cpu_kernel_cache))
     precision = resolve_precision(cfg.precision, device, console)
     _check_reporter(cfg.report_to)
     out = Path(cfg.output_dir)
@@ -250,17 +255,18 @@ def train(config: QatuneConfig, console: "Console | None" = None, callbacks: Seq
     if cfg.early_stopping_patience:
         trainer_callbacks.append(transformers.EarlyStoppingCallback(cfg.early_stopping_patience,
                                                                     cfg.early_stopping_threshold))
+    speed = apply_fast_paths(config, model, device, dtype, processes.num_processes, tokenizer.pad_token_id
+                             if tokenizer.pad_token_id is not None else template.end_of_turn_id)
+    console.print(speed.summary)
     trainer = QatuneTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
-        data_collator=PaddingCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                                      else template.end_of_turn_id, 8 if device == "cuda" else None),
-        callbacks=trainer_callbacks,
+        data_collator=speed.collator, compute_loss_func=speed.loss, callbacks=trainer_callbacks,
     )
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # ProgressBar says it all
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     try:
-        with flow.signals():
+        with flow.signals(), speed.training(model):
             output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         if not _is_out_of_memory(exc):
@@ -354,6 +360,66 @@ def _evaluate_after_train(config: QatuneConfig, validation: Any, out: Path, cons
     console.print(f"Evaluating base against tuned (eval.after_train) into {cfg.output_dir}/")
     specs = [ModelSpec("base", config.model.name_or_path), tuned_spec(str(out), config.model.name_or_path)]
     return evaluate(config.model_copy(update={"eval": cfg}), specs, sets, console)
+
+
+@dataclass
+class FastPaths:
+    """How batches are built, attended and scored: train.padding_free and train.chunked_loss, where they apply."""
+
+    collator: Any
+    loss: Any  # a Trainer compute_loss_func, or None for the model's own loss
+    padding_free_on: str | None  # the device whose padding-free attention the training loop uses
+    mixed_precision: bool
+    summary: str
+
+    @contextmanager
+    def training(self, model: Any) -> Iterator[None]:
+        """What holds while the Trainer runs; the model is as loaded again afterwards (for generation)."""
+        from peft.helpers import disable_input_dtype_casting
+
+        from qatune.train.attention import padding_free_attention
+
+        with ExitStack() as stack:
+            if self.padding_free_on:
+                stack.enter_context(padding_free_attention(model, self.padding_free_on))
+            # peft casts each LoRA input to the adapter's fp32 and autocast casts it back to bf16 for the
+            # product: under mixed precision both copies are waste (same values, measured ~2% of a step).
+            stack.enter_context(disable_input_dtype_casting(model, active=self.mixed_precision))
+            yield
+
+
+def apply_fast_paths(config: QatuneConfig, model: Any, device: str, dtype: Any, processes: int,
+                     pad_token_id: int) -> FastPaths:
+    """Decide batching and loss, and swap LoRA's dropout on CPUs (train.lean_dropout)."""
+    import torch
+
+    from qatune.train.attention import padding_free_implementation
+    from qatune.train.collator import PackingCollator, PaddingCollator
+    from qatune.train.dropout import use_lean_dropout
+    from qatune.train.loss import LabelledCrossEntropy, plain_output_layer
+
+    cfg = config.train
+    # Prefix tuning prepends virtual keys to every row: the samples of a row would share them.
+    padding_free = cfg.padding_free and config.method.name != "prefix"
+    # FSDP and ZeRO-3 hold the output layer in shards outside the forward pass.
+    sharded = processes > 1 and cfg.distributed in ("fsdp", "deepspeed_zero3", "deepspeed_zero3_offload")
+    output_layer = plain_output_layer(model) if cfg.chunked_loss and not sharded else None
+    parts = [f"padding-free rows ({padding_free_implementation(device)} attention)" if padding_free else
+             "padded batches" + (" (prefix tuning pads)" if cfg.padding_free else "")]
+    if output_layer is not None:
+        parts.append("loss chunked over answer tokens")
+    else:
+        reason = "" if not cfg.chunked_loss else " (sharded output layer)" if sharded else " (output layer not plain)"
+        parts.append("the model's own loss" + reason)
+    if cfg.lean_dropout and device == "cpu" and use_lean_dropout(model):
+        parts.append("lean LoRA dropout")
+    return FastPaths(
+        collator=PackingCollator() if padding_free else PaddingCollator(pad_token_id, 8 if device == "cuda" else None),
+        loss=LabelledCrossEntropy(output_layer, dtype) if output_layer is not None else None,
+        padding_free_on=device if padding_free else None,
+        mixed_precision=dtype != torch.float32,
+        summary="Fast paths: " + "; ".join(parts),
+    )
 
 
 def training_arguments(config: QatuneConfig, precision: str, device: str, train_samples: int,
