@@ -54,10 +54,11 @@ def main() -> int:
     import torch
     import transformers
 
-    from qatune.config import EvalConfig, ModelConfig
+    from qatune.config import DecodingConfig, EvalConfig, ModelConfig
     from qatune.data.templates import resolve_template
-    from qatune.infer.generation import Decoding, generate, stop_token_ids
-    from qatune.models import compute_dtype, load_model, load_tokenizer
+    from qatune.infer.generation import generate, stop_token_ids
+    from qatune.models import load_model, load_tokenizer
+    from qatune.runtime import Runtime
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
@@ -70,15 +71,16 @@ def main() -> int:
         sys.exit(f"needs {SHARED} (the shared data beside the repository)")
 
     transformers.utils.logging.disable_progress_bar()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    runtime = Runtime.detect()
+    device, dtype = runtime.device, runtime.compute_dtype()
     cfg = ModelConfig(name_or_path=args.model)
     tokenizer = load_tokenizer(cfg)
     template = resolve_template(tokenizer)
-    model = load_model(cfg, dtype=compute_dtype(device)).to(device).eval()
+    model = load_model(cfg, dtype=dtype).to(device).eval()
     questions = [json.loads(line)["question"] for line in SHARED.open(encoding="utf-8")][: args.questions]
     stops = stop_token_ids(tokenizer, template.end_of_turn_id)
     print(f"{len(questions)} questions, max_new_tokens {args.max_new_tokens}, {args.model} "
-          f"({str(compute_dtype(device)).removeprefix('torch.')} on {device}, {torch.get_num_threads()} threads)")
+          f"({str(dtype).removeprefix('torch.')} on {device}, {torch.get_num_threads()} threads)")
 
     rates: dict[str, list[float]] = {"one_at_a_time": [], "qatune": []}
     for _ in range(args.repeats):
@@ -87,7 +89,7 @@ def main() -> int:
         rates["one_at_a_time"].append(tokens / (time.perf_counter() - started))
         started = time.perf_counter()
         batched = generate(model, tokenizer, template.source, [[{"role": "user", "content": q}] for q in questions],
-                           Decoding(max_new_tokens=args.max_new_tokens), template.end_of_turn_id, args.batch)
+                           DecodingConfig(max_new_tokens=args.max_new_tokens), template.end_of_turn_id, args.batch)
         rates["qatune"].append(sum(a.new_tokens for a in batched) / (time.perf_counter() - started))
         same = sum(a.text == s for a, s in zip(batched, single))
         shared = statistics.median(_common_prefix(a.text, s) / max(len(s), 1) for a, s in zip(batched, single))

@@ -81,7 +81,7 @@ def start(kind: str, model: str, max_tokens: int, clients: int) -> tuple[subproc
     port = free_port()
     if kind == "qatune":
         command = [str(REPO / ".venv" / "bin" / "qatune"), "serve", "--model", model, "--port", str(port),
-                   "serve.temperature=0", f"serve.max_new_tokens={max_tokens}", f"serve.max_batch_size={clients}",
+                   "serve.decoding.temperature=0", f"serve.decoding.max_new_tokens={max_tokens}", f"serve.max_batch_size={clients}",
                    "serve.request_timeout=600"]
     else:
         command = [sys.executable, __file__, "--naive-server", str(port), "--model", model,

@@ -65,6 +65,7 @@ def run_qatune(args: argparse.Namespace, out: Path, data: Path) -> dict:
     from rich.console import Console
 
     from qatune.config import load_config
+    from qatune.runtime import Runtime
     from qatune.train.run import train
 
     overrides = [
@@ -78,7 +79,7 @@ def run_qatune(args: argparse.Namespace, out: Path, data: Path) -> dict:
     ]
     config = load_config(None, overrides)
     log = io.StringIO()
-    report = train(config, Console(file=log, width=120)).report
+    report = train(config, Runtime.detect(Console(file=log, width=120))).report
     batching = next((line for line in log.getvalue().splitlines() if line.startswith("Fast paths")), "")
     return {"tokens": report["tokens_seen"], "runtime": report["train_time_s"], "adapter": str(out / "run"),
             "samples": report["global_step"] * config.train.per_device_batch_size
@@ -92,7 +93,13 @@ def run_naive(args: argparse.Namespace, out: Path, data: Path) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Trainer,
+        TrainingArguments,
+        default_data_collator,
+    )
 
     model_dir = default_model_folder()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -157,9 +164,9 @@ def job_precision() -> str:
     """What qatune's train.precision=auto picks here; the other ways get the same."""
     import torch
 
-    from qatune.models import compute_dtype
+    from qatune.runtime import Runtime
 
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[compute_dtype()]
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[Runtime.detect().compute_dtype()]
 
 
 def default_model_folder() -> Path:

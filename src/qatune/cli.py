@@ -7,9 +7,11 @@ and config errors answer at once.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from qatune import __version__
 from qatune.errors import QatuneError
@@ -17,22 +19,47 @@ from qatune.errors import QatuneError
 OVERRIDES_HELP = "section.key=value overrides, e.g. data.max_length=512 model=path/to/model"
 
 
-def _split_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
-    """`[CONFIG] [key=value ...]`: the config file is the first argument without '='."""
-    if args and "=" not in args[0]:
-        return args[0], list(args[1:])
-    return None, list(args)
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.-]*=")  # `section.key=value`; a path or a question is not one
 
 
-def _load(args: Sequence[str]):
+class UsageError(QatuneError):
+    """Arguments that do not go together."""
+
+
+def _positionals(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The plain arguments and the `key=value` overrides, in the order given (flags may stand between)."""
+    plain = [a for a in args if not OVERRIDE.match(a)]
+    return plain, [a for a in args if OVERRIDE.match(a)]
+
+
+def _config(ns: argparse.Namespace, plain: Sequence[str] | None = None, extra: Sequence[str] = ()):
+    """The one override path of every command: CONFIG, its `key=value` overrides, then each given flag
+    as the key it stands for (`--model M` is model.name_or_path=M, so model.dtype=... stays)."""
     from qatune.config import load_config
 
-    path, overrides = _split_args(args)
-    return load_config(path, overrides)
+    found, overrides = _positionals(ns.args)
+    plain = found if plain is None else list(plain)
+    if len(plain) > 1:
+        raise UsageError(f"expected at most one CONFIG file, got {', '.join(plain)}",
+                         hint="overrides are written section.key=value")
+    for attr, key in getattr(ns, "flag_keys", {}).items():
+        value = getattr(ns, attr)
+        # `is not False`, not `!= False`: a flag given as 0 must reach the config's checks, not vanish.
+        if value is not None and value is not False and value != []:
+            overrides.append(f"{key}={json.dumps(value)}")  # JSON is YAML: paths stay strings
+    return load_config(plain[0] if plain else None, [*overrides, *extra])
+
+
+def _runtime():
+    from rich.console import Console
+
+    from qatune.runtime import Runtime
+
+    return Runtime.detect(Console())
 
 
 def cmd_config_show(ns: argparse.Namespace) -> int:
-    print(_load(ns.args).to_yaml(), end="")
+    print(_config(ns).to_yaml(), end="")
     return 0
 
 
@@ -44,24 +71,19 @@ def cmd_config_docs(ns: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(ns: argparse.Namespace) -> int:
-    import datasets
-    from rich.console import Console
-
     from qatune.data.prepare import prepare
     from qatune.data.report import print_summary
 
-    config = _load(ns.args)
-    datasets.disable_progress_bars()  # the summary below says what was written
-    console = Console()
-    result = prepare(config)
-    print_summary(result.report, console)
-    console.print(f"Wrote {result.output_dir}/ ({', '.join(result.report['files'])})")
+    runtime = _runtime()
+    result = prepare(_config(ns), runtime)
+    print_summary(result.report, runtime.console)
+    runtime.console.print(f"Wrote {result.output_dir}/ ({', '.join(result.report['files'])})")
     return 0
 
 
 def cmd_data_check(ns: argparse.Namespace) -> int:
     from qatune.config import DataConfig, SourceConfig
-    from qatune.data.prepare import check
+    from qatune.data.sources import check
 
     source = SourceConfig(path=ns.file, format=ns.format, dataset=ns.dataset)
     data = DataConfig(encoding=ns.encoding)
@@ -74,72 +96,43 @@ def cmd_data_check(ns: argparse.Namespace) -> int:
     return 1 if result.errors else 0
 
 
-def _load_with_flags(args: Sequence[str], flags: Sequence[tuple[object, str]]):
-    """The config with each given flag as a `key=value` override (JSON is YAML: paths stay strings)."""
-    import json
-
-    from qatune.config import load_config
-
-    path, overrides = _split_args(args)
-    # `is not False`, not `!= False`: a flag given as 0 must reach the config's checks, not vanish.
-    overrides += [f"{key}={json.dumps(value)}" for value, key in flags
-                  if value is not None and value is not False and value != []]
-    return load_config(path, overrides)
-
-
 def _print_synth(result, console) -> None:
     by_reason = ", ".join(f"{n} {r}" for r, n in result.log.by_reason().items()) or "none"
+    console.print(result.summary)
     console.print(f"Wrote {len(result.records)} records to {result.output} (dropped: {by_reason}; every drop is in "
                   f"{result.output.with_suffix('.dropped.jsonl')}, the report in "
                   f"{result.output.with_suffix('.report.json')})")
 
 
 def cmd_data_from_docs(ns: argparse.Namespace) -> int:
-    from rich.console import Console
+    from qatune.synth.from_docs import from_docs
 
-    from qatune.data.synth import from_docs
-
-    config = _load_with_flags(ns.args, [(ns.model, "model"), (ns.out, "from_docs.output"),
-                                        (ns.prompt, "from_docs.prompt"), (ns.against, "from_docs.against"),
-                                        (ns.force, "from_docs.overwrite")])
-    console = Console()
-    result = from_docs(config, ns.docs, console=console)
-    report = result.report
-    console.print(f"{len(report['documents'])} documents, {report['chunks']} chunks, "
-                  f"{report['pairs_generated']} pairs generated, {report['pairs_kept']} kept.")
-    _print_synth(result, console)
+    plain, _ = _positionals(ns.args)
+    if not plain:
+        raise UsageError("qatune data from-docs needs the folder (or file) of documents",
+                         hint="qatune data from-docs DIR [CONFIG] [KEY=VALUE ...]")
+    runtime = _runtime()
+    _print_synth(from_docs(_config(ns, plain[1:]), plain[0], runtime), runtime.console)
     return 0
 
 
 def cmd_data_augment(ns: argparse.Namespace) -> int:
-    from rich.console import Console
+    from qatune.synth.augment import augment
 
-    from qatune.data.synth import augment
-
-    config = _load_with_flags(ns.args, [(ns.model, "model"), (ns.data, "data.sources"), (ns.out, "augment.output"),
-                                        (ns.prompt, "augment.prompt"), (ns.per_question, "augment.per_question"),
-                                        (ns.force, "augment.overwrite")])
-    console = Console()
-    result = augment(config, console=console)
-    report = result.report
-    console.print(f"{report['questions_paraphrased']} questions, {report['candidates']} candidate paraphrases, "
-                  f"{report['paraphrases_kept']} kept.")
-    _print_synth(result, console)
+    runtime = _runtime()
+    _print_synth(augment(_config(ns), runtime), runtime.console)
     return 0
 
 
 def cmd_tune(ns: argparse.Namespace) -> int:
-    import datasets
-    from rich.console import Console
     from rich.table import Table
 
     from qatune.train.tune import tune
 
-    config = _load_with_flags(ns.args, [(ns.model, "model"), (ns.trials, "tune.trials")])
-    datasets.disable_progress_bars()
-    console = Console()
-    result = tune(config, console)
-    summary = result.summary
+    config = _config(ns)
+    runtime = _runtime()
+    result = tune(config, runtime)
+    summary, console = result.summary, runtime.console
     table = Table(title=f"Study {summary['study']}", title_justify="left")
     for column in ("trial", "state", "best eval loss", "params"):
         table.add_column(column)
@@ -158,41 +151,35 @@ def cmd_tune(ns: argparse.Namespace) -> int:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    import json
-
-    import datasets
-    from rich.console import Console
-
-    from qatune.config import load_config
     from qatune.train import report
-    from qatune.train.run import train
+    from qatune.train.run import TrainCompleted, TrainInterrupted
+    from qatune.workflow import train_and_evaluate
 
-    path, overrides = _split_args(ns.args)
-    if ns.model:
-        overrides.append(f"model={json.dumps(ns.model)}")  # JSON is YAML: paths stay strings
-    if ns.data:
-        overrides.append(f"data.sources={json.dumps(ns.data)}")
-    config = load_config(path, overrides)  # a config error is reported once, before any process starts
+    config = _config(ns)  # a config error is reported once, before any process starts
     if ns.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        return _launch(ns.nproc, ["train", *ns.args, *(["--model", ns.model] if ns.model else []),
-                                  *(a for d in ns.data or [] for a in ("--data", d))])
-    datasets.disable_progress_bars()  # the data summary line says what was prepared
-    console = Console()
-    result = train(config, console)
-    if result.interrupted:
+        return _launch(ns.nproc, ["train", *ns.args, *(a for attr, flag in (("model", "--model"), ("data", "--data"))
+                                                      for value in _as_list(getattr(ns, attr)) for a in (flag, value))])
+    runtime = _runtime()
+    result, evaluation = train_and_evaluate(config, runtime)
+    if isinstance(result, TrainInterrupted):
         return 130
-    if not result.main:
+    if not isinstance(result, TrainCompleted):  # another rank of a distributed run: rank 0 reports
         return 0
+    console = runtime.console
     report.print_summary(result.report, console)
     if result.preview:
         report.print_preview(result.preview, console)
-    if result.evaluation:
+    if evaluation is not None:
         from qatune.eval.report import print_summary as print_eval
 
-        print_eval(result.evaluation.report, console)
-        console.print(f"Evaluation: {result.evaluation.output_dir}/eval_report.html")
+        print_eval(evaluation.report, console)
+        console.print(f"Evaluation: {evaluation.output_dir}/eval_report.html")
     console.print(f"Wrote {result.output_dir}/ ({', '.join(result.report['files'])})")
     return 0
+
+
+def _as_list(value: object) -> list:
+    return [] if value is None else value if isinstance(value, list) else [value]
 
 
 def _launch(nproc: int, qatune_args: list[str]) -> int:
@@ -206,50 +193,35 @@ def _launch(nproc: int, qatune_args: list[str]) -> int:
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
-    import json
-
-    import datasets
-    from rich.console import Console
-
-    from qatune.config import load_config
     from qatune.eval import report
     from qatune.eval.run import ModelSpec, evaluate, tuned_spec
 
-    console = Console()
-    if ns.args[:1] == ["summarize"]:
-        return _eval_summarize(ns.args[1:], console)
-    path, overrides = _split_args(ns.args)
-    for flag, key in ((ns.data, "eval.data"), (ns.general, "eval.general")):
-        if flag:
-            overrides.append(f"{key}={json.dumps(flag)}")  # JSON is YAML: paths stay strings
-    if ns.out:
-        overrides.append(f"eval.output_dir={json.dumps(ns.out)}")
+    plain, _ = _positionals(ns.args)
+    if plain[:1] == ["summarize"]:
+        return _eval_summarize(plain[1:])
     if ns.compare and (ns.model or ns.adapter):
-        raise EvalUsageError("give either --compare BASE TUNED or --model M [--adapter A], not both")
+        raise UsageError("give either --compare BASE TUNED or --model M [--adapter A], not both")
+    config = _config(ns, extra=[f"model.name_or_path={json.dumps(ns.compare[0])}"] if ns.compare else [])
     if ns.compare:
-        overrides.append(f"model={json.dumps(ns.compare[0])}")
-        config = load_config(path, overrides)
         specs = [ModelSpec("base", ns.compare[0]), tuned_spec(ns.compare[1], ns.compare[0])]
     else:
-        if ns.model:
-            overrides.append(f"model={json.dumps(ns.model)}")
-        config = load_config(path, overrides)
         specs = [ModelSpec("model", config.model.name_or_path, ns.adapter)]
-    datasets.disable_progress_bars()
-    result = evaluate(config, specs, console=console)
-    report.print_summary(result.report, console)
-    console.print(f"Wrote {result.output_dir}/ ({', '.join(result.report['files'])})")
+    runtime = _runtime()
+    result = evaluate(config, specs, runtime=runtime)
+    report.print_summary(result.report, runtime.console)
+    runtime.console.print(f"Wrote {result.output_dir}/ ({', '.join(result.report['files'])})")
     return 0
 
 
-def _eval_summarize(args: list[str], console) -> int:
+def _eval_summarize(args: list[str]) -> int:
+    from rich.console import Console
     from rich.table import Table
 
-    from qatune.eval.report import summarize
+    from qatune.eval.report import summarize_review_sheet
 
     if len(args) != 1:
-        raise EvalUsageError("usage: qatune eval summarize SHEET.csv")
-    summary = summarize(args[0])
+        raise UsageError("usage: qatune eval summarize SHEET.csv")
+    summary = summarize_review_sheet(args[0])
     table = Table(title=f"Expert scores: {summary['sheet']}", title_justify="left")
     for column in ("set", "model", "scored", "unscored", "mean", "median", "1", "2", "3", "4", "5"):
         table.add_column(column, justify="left" if column in ("set", "model") else "right")
@@ -258,68 +230,68 @@ def _eval_summarize(args: list[str], console) -> int:
                       "-" if g["mean"] is None else f"{g['mean']:.2f}",
                       "-" if g["median"] is None else f"{g['median']:g}",
                       *(str(g["distribution"][str(s)]) for s in range(1, 6)))
-    console.print(table)
+    Console().print(table)
     return 0
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from qatune.export.run import export, print_summary
 
-    config = _load_with_flags(ns.args, [(ns.model, "model"), (ns.adapter, "export.adapter"),
-                                        (ns.out, "export.output_dir"), (ns.gguf, "export.gguf"),
-                                        (ns.quantize, "export.quantize"), (ns.force, "export.overwrite")])
-    console = Console()
-    result = export(config, console)
-    print_summary(result.report, console)
-    console.print(f"Wrote {result.output_dir}/ (report: {result.output_dir}/export_report.json)")
+    config = _config(ns)
+    runtime = _runtime()
+    result = export(config, runtime)
+    print_summary(result.report, runtime.console)
+    runtime.console.print(f"Wrote {result.output_dir}/ (report: {result.output_dir}/export_report.json)")
     return 0
 
 
-def cmd_chat(ns: argparse.Namespace) -> int:
-    from qatune.infer.chat import ChatSession, chat_loop
+def _chat_session(ns: argparse.Namespace, plain: Sequence[str]):
+    from qatune.infer.chat import ChatSession
 
-    session = ChatSession.load(_load_with_flags(ns.args, [(ns.model, "model")]), ns.adapter, ns.system)
-    chat_loop(session)
+    return ChatSession.load(_config(ns, plain), _runtime(), ns.adapter, ns.system)
+
+
+def cmd_chat(ns: argparse.Namespace) -> int:
+    from qatune.infer.chat import chat_loop
+
+    chat_loop(_chat_session(ns, _positionals(ns.args)[0]))
     return 0
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
-    from qatune.infer.chat import ChatSession
-
-    session = ChatSession.load(_load_with_flags(ns.args, [(ns.model, "model")]), ns.adapter, ns.system)
-    for piece in session.ask(ns.question):
+    plain, _ = _positionals(ns.args)
+    if not plain:
+        raise UsageError("qatune generate needs the question (quote it)",
+                         hint='qatune generate [CONFIG] [KEY=VALUE ...] "QUESTION"')
+    for piece in _chat_session(ns, plain[:-1]).ask(plain[-1]):  # the question comes last, after any CONFIG
         print(piece, end="", flush=True)
     print()
     return 0
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
-    from qatune.serve.app import serve
+    from qatune.serve.recipe import serve
 
-    adapters = None
     if ns.adapter:  # given on the command line, these replace the config's serve.adapters
         adapters = {}
         for item in ns.adapter:
             name, _, folder = item.rpartition("=")
             adapters[name or folder.rstrip("/").rsplit("/", 1)[-1]] = folder  # a bare folder: its own name
-    serve(_load_with_flags(ns.args, [(ns.model, "model"), (ns.host, "serve.host"), (ns.port, "serve.port"),
-                                     (ns.engine, "serve.engine"), (adapters, "serve.adapters")]))
+        ns.adapter = adapters
+    serve(_config(ns), _runtime())
     return 0
 
 
-class EvalUsageError(QatuneError):
-    """`qatune eval` called with arguments that do not go together."""
-
-
-def _stage_parser(stages: argparse._SubParsersAction, name: str, summary: str,
-                  description: str) -> argparse.ArgumentParser:
-    """A stage command: `[CONFIG] [KEY=VALUE ...]` and `--model`, like every stage."""
+def _stage_parser(stages: argparse._SubParsersAction, name: str, summary: str, description: str,
+                  run: Callable[[argparse.Namespace], int], flag_keys: dict[str, str] | None = None,
+                  positionals: str = "[CONFIG] [KEY=VALUE]") -> argparse.ArgumentParser:
+    """A stage command: `[CONFIG] [KEY=VALUE ...]` and `--model`, like every stage; `flag_keys` names the
+    config key each of its flags stands for (the one override path, `_config`)."""
     parser = stages.add_parser(name, help=summary, description=description,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE]", help=OVERRIDES_HELP)
+    parser.add_argument("args", nargs="*", metavar=positionals, help=OVERRIDES_HELP)
     parser.add_argument("--model", help="model: default, a Hugging Face folder, a .gguf file or a hub id")
+    parser.set_defaults(run=run, flag_keys={"model": "model.name_or_path", **(flag_keys or {})})
     return parser
 
 
@@ -362,14 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
         "the existing data (--against, default data.sources) and writes a qa-format JSONL whose records carry "
         "`source` {file, section, lines}, plus FILE.report.json and FILE.dropped.jsonl.",
     )
-    docs.add_argument("docs", metavar="DIR", help="folder (or file) of .md, .txt and .pdf documents")
-    docs.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE]", help=OVERRIDES_HELP)
+    docs.add_argument("args", nargs="*", metavar="DIR [CONFIG] [KEY=VALUE]",
+                      help="folder (or file) of .md, .txt and .pdf documents, then " + OVERRIDES_HELP)
     docs.add_argument("--model", help="generating model: default, a Hugging Face folder, a .gguf file or a hub id")
     docs.add_argument("--out", metavar="FILE", help="output .jsonl (from_docs.output)")
     docs.add_argument("--prompt", metavar="FILE", help="prompt template file (from_docs.prompt)")
     docs.add_argument("--against", action="append", metavar="FILE", help="existing data to deduplicate against")
     docs.add_argument("--force", action="store_true", help="replace an existing output file")
-    docs.set_defaults(run=cmd_data_from_docs)
+    docs.set_defaults(run=cmd_data_from_docs, flag_keys={
+        "model": "model.name_or_path", "out": "from_docs.output", "prompt": "from_docs.prompt",
+        "against": "from_docs.against", "force": "from_docs.overwrite"})
     aug = data_cmds.add_parser(
         "augment", help="add question paraphrases generated by a model, deduplicated, with provenance",
         description="Asks the model for paraphrases of every single-turn question of the data (--data, default "
@@ -384,18 +358,19 @@ def build_parser() -> argparse.ArgumentParser:
     aug.add_argument("--prompt", metavar="FILE", help="prompt template file (augment.prompt)")
     aug.add_argument("--per-question", type=int, metavar="N", help="paraphrases kept per question at most")
     aug.add_argument("--force", action="store_true", help="replace an existing output file")
-    aug.set_defaults(run=cmd_data_augment)
+    aug.set_defaults(run=cmd_data_augment, flag_keys={
+        "model": "model.name_or_path", "data": "data.sources", "out": "augment.output", "prompt": "augment.prompt",
+        "per_question": "augment.per_question", "force": "augment.overwrite"})
 
     trn = _stage_parser(
         stages, "train", "fine-tune a model on your data (lora, qlora, full, freeze, prefix)",
         "Prepares the data (or reuses it when unchanged), trains, and writes train.output_dir/: "
         "adapter or weights (safetensors), tokenizer, config.yaml, train_report.json, loss_curve.png, "
         "checkpoints and TensorBoard logs. Ctrl-C saves a checkpoint; train.resume=true continues.",
-    )
+        cmd_train, {"data": "data.sources"})
     trn.add_argument("--data", action="append", metavar="FILE", help="training data file or folder (repeatable)")
     trn.add_argument("--nproc", type=int, default=1, metavar="N",
                      help="train with N data-parallel processes on this machine (torchrun; see train.distributed)")
-    trn.set_defaults(run=cmd_train)
 
     evl = _stage_parser(
         stages, "eval", "evaluate a model, or compare base and fine-tuned (metrics, forgetting check, reports)",
@@ -404,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
         "qatune eval summarize review_sheet.csv\n\n"
         "Writes eval.output_dir/: eval_report.json/.md/.html, predictions.<model>.jsonl and review_sheet.csv "
         "(fill its score column 1-5, then run `qatune eval summarize`).",
-    )
+        cmd_eval, {"data": "eval.data", "general": "eval.general", "out": "eval.output_dir"})
     evl.add_argument("--adapter", help="LoRA/prefix adapter folder (a qatune train output) to put on --model")
     evl.add_argument("--compare", nargs=2, metavar=("BASE", "TUNED"),
                      help="evaluate BASE and TUNED (an adapter folder on BASE, or a whole model) side by side")
@@ -412,17 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
     evl.add_argument("--general", action="append", metavar="FILE",
                      help="general multiple-choice set for the forgetting check (repeatable)")
     evl.add_argument("--out", metavar="DIR", help="output folder (eval.output_dir)")
-    evl.set_defaults(run=cmd_eval)
 
     tun = _stage_parser(
         stages, "tune", "search learning rate, LoRA rank/alpha, epochs and warm-up with Optuna",
         "qatune tune CONFIG --trials N [KEY=VALUE]\n\nEach trial trains in tune.output_dir/trial-N and is "
         "pruned when its eval loss trails earlier trials. The study is kept in tune.output_dir/study.db: run the "
         "same command again to resume. Writes best_config.yaml (train it with `qatune train`), "
-        "tune_summary.json and optimization_history.png.",
-    )
+        "tune_summary.json and optimization_history.png.", cmd_tune, {"trials": "tune.trials"})
     tun.add_argument("--trials", type=int, metavar="N", help="trials the study should hold (tune.trials)")
-    tun.set_defaults(run=cmd_tune)
 
     exp = _stage_parser(
         stages, "export", "merge an adapter, write a Hugging Face folder, GGUF (llama.cpp, Ollama) or a quantized copy",
@@ -430,26 +402,24 @@ def build_parser() -> argparse.ArgumentParser:
         "\n\nWrites DIR/: merged safetensors (sharded), config, tokenizer with its chat template, generation config; "
         "model-<type>.gguf and an Ollama Modelfile; int8/ or bnb-*/ quantized copies; export_report.json with a "
         "greedy-answer check of every form against base + adapter.",
-    )
+        cmd_export, {"adapter": "export.adapter", "out": "export.output_dir", "gguf": "export.gguf",
+                     "quantize": "export.quantize", "force": "export.overwrite"})
     exp.add_argument("--adapter", help="LoRA adapter folder to merge (a qatune train output)")
     exp.add_argument("--out", metavar="DIR", help="output folder (export.output_dir); must be empty")
     exp.add_argument("--gguf", choices=["f16", "q8_0"], help="also write a GGUF file and an Ollama Modelfile")
     exp.add_argument("--quantize", choices=["int8", "bnb-8bit", "bnb-4bit"],
                      help="also write a quantized copy (int8 on CPU; bnb-* on a CUDA GPU)")
     exp.add_argument("--force", action="store_true", help="replace a non-empty output folder")
-    exp.set_defaults(run=cmd_export)
 
-    decoding = "Decoding follows the serve section: serve.temperature (0.7), serve.top_p (0.9), " \
-               "serve.repetition_penalty, serve.max_new_tokens; e.g. serve.temperature=0 for greedy answers."
+    decoding = "Decoding follows serve.decoding: temperature (0.7), top_p (0.9), repetition_penalty, " \
+               "max_new_tokens; e.g. serve.decoding.temperature=0 for greedy answers."
     cht = _stage_parser(stages, "chat", "talk to a model in the terminal (streaming, with history)",
-                        f"Commands: /reset starts a new conversation, /exit leaves.\n\n{decoding}")
-    gen = _stage_parser(stages, "generate", "answer one question and exit", decoding)
-    gen.add_argument("question", help="the question (quote it)")
+                        f"Commands: /reset starts a new conversation, /exit leaves.\n\n{decoding}", cmd_chat)
+    gen = _stage_parser(stages, "generate", "answer one question and exit", decoding, cmd_generate,
+                        positionals="[CONFIG] [KEY=VALUE] QUESTION")
     for parser_ in (cht, gen):
         parser_.add_argument("--adapter", help="LoRA/prefix adapter folder (a qatune train output) to put on --model")
         parser_.add_argument("--system", help="system prompt")
-    cht.set_defaults(run=cmd_chat)
-    gen.set_defaults(run=cmd_generate)
 
     srv = _stage_parser(
         stages, "serve", "serve the model and its adapters over HTTP (OpenAI-compatible API, chat page, metrics)",
@@ -457,14 +427,26 @@ def build_parser() -> argparse.ArgumentParser:
         "Routes: POST /v1/chat/completions, /v1/completions (stream over SSE), GET /v1/models, POST /answer, "
         "GET /health, GET /metrics (Prometheus), GET / (chat page). Concurrent requests are batched "
         "together (serve.max_batch_size); serve.api_key (or env QATUNE_API_KEY) requires a Bearer key.",
-    )
+        cmd_serve, {"host": "serve.host", "port": "serve.port", "engine": "serve.engine", "adapter": "serve.adapters"})
     srv.add_argument("--adapter", action="append", metavar="NAME=FOLDER",
                      help="LoRA adapter served as model NAME on the one base model (repeatable)")
     srv.add_argument("--host", help="bind address (serve.host, default 127.0.0.1)")
     srv.add_argument("--port", type=int, help="TCP port (serve.port, default 8000)")
     srv.add_argument("--engine", choices=["hf", "vllm"], help="serve.engine: hf (CPU or GPU) or vllm (CUDA GPU)")
-    srv.set_defaults(run=cmd_serve)
     return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Flags and `key=value` overrides in any order: argparse leaves the overrides after a flag over,
+    and they join the command's own."""
+    parser = build_parser()
+    ns, rest = parser.parse_known_args(argv)
+    unknown = [a for a in rest if a.startswith("-")]
+    if unknown or (rest and not hasattr(ns, "args")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or rest)}")
+    if rest:
+        ns.args = [*ns.args, *rest]
+    return ns
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -474,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # probes, and torch complains about how it registers enums: noise for every command.
     for noisy in ("torchao", "torch.utils._pytree"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    ns = build_parser().parse_args(argv)
+    ns = parse_args(argv)
     try:
         return ns.run(ns)
     except QatuneError as exc:

@@ -47,6 +47,40 @@ class ModelLocation:
     is_local: bool = True
 
 
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What an adapter folder's adapter_config.json says, and what lies beside it."""
+
+    path: Path
+    kind: str  # peft_type as peft writes it: "LORA", "PREFIX_TUNING", ...
+    base: str | None  # base_model_name_or_path
+    rank: int | None  # LoRA r
+    has_tokenizer: bool  # a qatune training output saves the tokenizer with its training template
+
+    @property
+    def is_lora(self) -> bool:
+        return self.kind == "LORA"
+
+
+def read_adapter(folder: str | Path) -> AdapterInfo | None:
+    """The adapter in `folder`, or None where the folder holds no adapter_config.json. The one reader of it."""
+    import json
+
+    path = Path(folder)
+    config_file = path / ADAPTER_FILE
+    if not config_file.is_file():
+        return None
+    try:
+        saved = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{config_file} is not readable JSON: {exc}",
+                             hint="the adapter folder is damaged; use the run's last complete checkpoint") from None
+    if not isinstance(saved, dict):
+        raise ModelLoadError(f"{config_file}: expected a JSON object, got {type(saved).__name__}")
+    return AdapterInfo(path=path, kind=str(saved.get("peft_type", "UNKNOWN")), base=saved.get("base_model_name_or_path"),
+                       rank=saved.get("r"), has_tokenizer=(path / "tokenizer_config.json").is_file())
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("QATUNE_CACHE", Path.home() / ".cache" / "qatune"))
 
@@ -101,7 +135,8 @@ def load_tokenizer(cfg: ModelConfig, adapter: str | Path | None = None) -> "PreT
     the chat template the adapter was trained on."""
     from transformers import AutoTokenizer
 
-    if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file():
+    info = read_adapter(adapter) if adapter is not None else None
+    if info is not None and info.has_tokenizer:
         return AutoTokenizer.from_pretrained(str(adapter))
     loc = locate_model(cfg)
     try:
@@ -114,8 +149,8 @@ def load_tokenizer(cfg: ModelConfig, adapter: str | Path | None = None) -> "PreT
         raise ModelLoadError(f"cannot load the tokenizer of '{loc.name}': {exc}", hint=_hub_hint(loc)) from exc
 
 
-def load_model(cfg: ModelConfig, dtype: "torch.dtype | None" = None, **kwargs: Any) -> "PreTrainedModel":
-    """The causal LM with its weights; `dtype` None follows `model.dtype` (`auto`: see compute_dtype).
+def load_model(cfg: ModelConfig, dtype: "torch.dtype", **kwargs: Any) -> "PreTrainedModel":
+    """The causal LM with its weights in `dtype` (a stage passes `runtime.dtype(model_cfg)` or its own).
 
     A GGUF model is dequantized once into a cached Hugging Face folder, so every later load is a
     plain safetensors read that supports quantization_config, save_pretrained and device_map.
@@ -128,8 +163,6 @@ def load_model(cfg: ModelConfig, dtype: "torch.dtype | None" = None, **kwargs: A
     if base is not None:
         return _load_merged(cfg, loc, base, dtype, **kwargs)
     path = str(gguf_as_hf_folder(loc, weights=True)) if loc.gguf_file else loc.path
-    if dtype is None:
-        dtype = configured_dtype(cfg)
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, revision=None if loc.gguf_file else cfg.revision,
@@ -141,19 +174,16 @@ def load_model(cfg: ModelConfig, dtype: "torch.dtype | None" = None, **kwargs: A
 
 def adapter_base(loc: ModelLocation) -> str | None:
     """The base model an adapter folder was trained on (from its adapter_config.json), or None for a model."""
-    import json
-
-    config_file = Path(loc.path) / ADAPTER_FILE
-    if not loc.is_local or loc.gguf_file or not config_file.is_file():
+    info = read_adapter(loc.path) if loc.is_local and not loc.gguf_file else None
+    if info is None:
         return None
-    base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    if not base:
-        raise ModelLoadError(f"{config_file} names no base_model_name_or_path, so the adapter cannot be loaded "
-                             "as a model", hint="give the base model as `model` and the adapter separately")
-    return base
+    if not info.base:
+        raise ModelLoadError(f"{info.path / ADAPTER_FILE} names no base_model_name_or_path, so the adapter cannot be "
+                             "loaded as a model", hint="give the base model as `model` and the adapter separately")
+    return info.base
 
 
-def _load_merged(cfg: ModelConfig, loc: ModelLocation, base: str, dtype: "torch.dtype | None",
+def _load_merged(cfg: ModelConfig, loc: ModelLocation, base: str, dtype: "torch.dtype",
                  **kwargs: Any) -> "PreTrainedModel":
     """Base plus the adapter at `loc`, merged into plain weights: the next stage trains on it like on
     any model (LLaMA-Factory's adapter_name_or_path, merged before a new adapter is created)."""
@@ -178,8 +208,8 @@ def attach_adapter(model: "PreTrainedModel", adapter: str | Path, model_name: st
     from peft import PeftModel
 
     config_file = Path(adapter) / ADAPTER_FILE
-    if not config_file.is_file():
-        raise ModelLoadError(f"{adapter} is not an adapter folder (no adapter_config.json)",
+    if read_adapter(adapter) is None:
+        raise ModelLoadError(f"{adapter} is not an adapter folder (no {ADAPTER_FILE})",
                              hint="give the output folder of a lora, qlora or prefix training run")
     try:
         with warnings.catch_warnings():  # peft asks transformers a deprecated question; not the user's concern
@@ -197,33 +227,6 @@ def attach_adapter(model: "PreTrainedModel", adapter: str | Path, model_name: st
 
 def _hub_hint(loc: ModelLocation) -> str | None:
     return None if loc.is_local else "the hub is not reachable from here? download the model and pass its folder"
-
-
-def native_bf16(device: str = "cpu") -> bool:
-    """True where bf16 matrix products run in hardware. On a CPU without AVX512-BF16 or AMX, oneDNN
-    emulates bf16 and a matmul gets ~100x slower than fp32 (measured on AMD EPYC Milan, AVX2 only)."""
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-def configured_dtype(cfg: ModelConfig, device: str | None = None) -> "torch.dtype":
-    """`model.dtype`: the one asked for, or with `auto` the fastest safe one here (compute_dtype)."""
-    import torch
-
-    return compute_dtype(device) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-
-
-def compute_dtype(device: str | None = None) -> "torch.dtype":
-    """The fastest safe dtype here: bf16 where native, fp16 on an older CUDA GPU, else fp32."""
-    import torch
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if native_bf16(device):
-        return torch.bfloat16
-    return torch.float16 if device.startswith("cuda") else torch.float32
 
 
 def gguf_as_hf_folder(loc: ModelLocation, weights: bool) -> Path:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from qatune.config import DataConfig, SourceConfig
 from qatune.data.clean import normalize_text, text_length
-from qatune.data.prepare import load
+from qatune.data.sources import load
 from tests.conftest import write_jsonl
 
 

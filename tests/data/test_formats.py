@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from qatune.config import DataConfig, SourceConfig
-from qatune.data.prepare import check, load
+from qatune.data.sources import check, load
 from qatune.errors import DataError, DataFormatError, MissingColumnError
 from tests.conftest import write_jsonl
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from qatune.cli import main
 from qatune.config import load_config
-from qatune.data.prepare import load_prepared, prepare
+from qatune.data.prepare import load_prepared, prepare, prepare_or_reuse
 from qatune.errors import DataError, ModelLoadError
 from tests.conftest import REPO, write_jsonl
 
@@ -153,3 +154,66 @@ def test_tool_schemas_are_kept_and_a_template_that_ignores_them_is_reported(tmp_
     saved = load_prepared(tmp_path / "out")
     assert json.loads(saved.train[0]["tools"]) == [{"name": "weather", "description": "Current weather", "parameters": {}}]
     assert saved.report["records_with_tools"] == 1 and saved.report["template"]["renders_tools"] is False
+
+
+def _reuse_config(tmp_path: Path, data: Path, *overrides: str):
+    return load_config(None, [f"data.sources=[{data}]", "data.val_size=0", "data.clean.near_dedup=false",
+                              f"data.output_dir={tmp_path}/out", *overrides])
+
+
+REUSE_RECORDS = [{"question": f"How do I book meeting room {i}?",
+                  "answer": f"Use the Rooms tab of the intranet calendar, pick room {i} and the hours you need, then "
+                            "confirm the booking; the room shows as taken at once."} for i in range(6)]
+
+
+def test_prepare_or_reuse_reuses_unchanged_inputs_only(tmp_path: Path, tokenizer) -> None:
+    """Reused only when nothing it depends on changed: a changed data file, a data setting or a clean
+    setting each makes a fresh dataset (re-tokenized, with the new content), then that one is reused."""
+    data = write_jsonl(tmp_path / "d.jsonl", REUSE_RECORDS)
+    first, reused = prepare_or_reuse(_reuse_config(tmp_path, data), tokenizer)
+    assert reused is False and first.train.num_rows == 6
+    again, reused = prepare_or_reuse(_reuse_config(tmp_path, data), tokenizer)
+    assert reused is True and again.train["input_ids"] == first.train["input_ids"]
+
+    # Same size, same modification time, other content: only the content can tell them apart.
+    stat = data.stat()
+    edited = data.read_text(encoding="utf-8").replace("room 5 and", "room 9 and")
+    assert len(edited) == len(data.read_text(encoding="utf-8"))
+    data.write_text(edited, encoding="utf-8")
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    changed, reused = prepare_or_reuse(_reuse_config(tmp_path, data), tokenizer)
+    assert reused is False and any("room 9 and" in m[-1]["content"] for m in changed.train["messages"])
+    assert prepare_or_reuse(_reuse_config(tmp_path, data), tokenizer)[1] is True
+
+    shorter, reused = prepare_or_reuse(_reuse_config(tmp_path, data, "data.max_length=64"), tokenizer)
+    assert reused is False and shorter.report["max_length"] == 64
+    assert max(shorter.train["length"]) == 64 < max(changed.train["length"])
+    assert all(shorter.train["truncated"]) and not any(changed.train["truncated"])
+
+    strict, reused = prepare_or_reuse(_reuse_config(tmp_path, data, "data.clean.near_dedup=true"), tokenizer)
+    assert reused is False and strict.train.num_rows < 6 and strict.report["drops"]["near_duplicate"] > 0
+    assert load_prepared(tmp_path / "out").report == strict.report  # the replaced dataset is the one on disk
+
+
+def test_prepare_or_reuse_counts_a_new_file_in_a_source_folder(tmp_path: Path, tokenizer) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", REUSE_RECORDS[:3])
+    assert prepare_or_reuse(_reuse_config(tmp_path, folder), tokenizer)[1] is False
+    assert prepare_or_reuse(_reuse_config(tmp_path, folder), tokenizer)[1] is True
+    write_jsonl(folder / "b.jsonl", REUSE_RECORDS[3:])
+    grown, reused = prepare_or_reuse(_reuse_config(tmp_path, folder), tokenizer)
+    assert reused is False and grown.train.num_rows == 6
+
+
+def test_plan_decides_without_writing(tmp_path: Path) -> None:
+    """The plan names what the run would replace and whether it can reuse, and writes nothing itself."""
+    from qatune.data import prepare as recipe
+    from qatune.runtime import Runtime
+
+    data = write_jsonl(tmp_path / "d.jsonl", REUSE_RECORDS)
+    config = _reuse_config(tmp_path, data)
+    plan = recipe.plan(config, Runtime(), reuse=True)
+    assert plan.reuse is False and plan.replaces is False and not (tmp_path / "out").exists()
+    with pytest.raises(DataError, match="no such file or folder"):
+        recipe.plan(_reuse_config(tmp_path, tmp_path / "missing.jsonl"), Runtime())

@@ -6,8 +6,8 @@ import csv
 
 import pytest
 
-from qatune.eval.report import REVIEW_SHEET, summarize, write_review_sheet
-from qatune.eval.run import forgetting_check
+from qatune.eval.compare import forgetting_check
+from qatune.eval.report import REVIEW_SHEET, summarize_review_sheet, write_review_sheet
 from qatune.eval.sets import ChoiceItem, EvalError, EvalSet
 
 
@@ -38,7 +38,7 @@ def test_review_sheet_opens_in_excel_and_summarizes(tmp_path):
     assert rows[2]["answer"] == "动脉血压升高" and all(r["score"] == "" for r in rows)
 
     _fill(sheet, ["1", "3", "5", ""])
-    summary = {g["model"]: g for g in summarize(sheet)["groups"]}
+    summary = {g["model"]: g for g in summarize_review_sheet(sheet)["groups"]}
     assert summary["base"]["mean"] == 2 and summary["base"]["scored"] == 2
     assert summary["tuned"]["mean"] == 5 and summary["tuned"]["unscored"] == 1
     assert summary["base"]["distribution"] == {"1": 1, "2": 0, "3": 1, "4": 0, "5": 0}
@@ -60,10 +60,10 @@ def test_invalid_score_names_its_row(tmp_path):
     write_review_sheet(_predictions(), sheet)
     _fill(sheet, ["4", "7"])
     with pytest.raises(EvalError, match=r"review_sheet.csv, line 3, field 'score': score '7' is not a whole number"):
-        summarize(sheet)
+        summarize_review_sheet(sheet)
     _fill(sheet, ["", "", "", ""])
     with pytest.raises(EvalError, match="no row has a score yet"):
-        summarize(sheet)
+        summarize_review_sheet(sheet)
 
 
 def test_forgetting_warning_when_general_accuracy_falls():

@@ -10,9 +10,10 @@ import torch
 
 from qatune.cli import main
 from qatune.config import load_config
+from qatune.errors import ModelLoadError
 from qatune.eval import metrics
 from qatune.eval.run import ModelSpec, evaluate
-from qatune.errors import ModelLoadError
+from qatune.eval.sets import EvalError
 from tests.conftest import tiny_config, write_jsonl
 
 
@@ -44,7 +45,7 @@ def test_compare_base_and_tuned_on_the_default_model(shared_data, default_adapte
     general = _subset(shared_data / "general_mcq" / "zh.jsonl", tmp_path / "cmmlu.jsonl", 12)
     out = tmp_path / "eval"
     code = main(["eval", "--compare", "default", str(default_adapter), "--data", str(domain), "--general", str(general),
-                 "--out", str(out), "eval.max_new_tokens=24", "eval.repetition_penalty=1.1"])
+                 "--out", str(out), "eval.decoding.max_new_tokens=24", "eval.decoding.repetition_penalty=1.1"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "General accuracy on cmmlu" in printed and "eval_report.html" in printed
@@ -90,7 +91,7 @@ def test_adapter_for_another_base_is_a_named_error(default_adapter, tiny_model_d
 def test_single_model_eval_on_a_tiny_model(tiny_model_dir, qa_file, tmp_path):
     mcq = write_jsonl(tmp_path / "mcq.jsonl", [{"question": "2+2=?", "choices": ["4", "5"], "answer": "A"},
                                                {"question": "q", "choices": ["a", "b"], "answer": "Q"}])
-    config = load_config(None, [f"eval.data={json.dumps([str(qa_file), str(mcq)])}", "eval.max_new_tokens=4",
+    config = load_config(None, [f"eval.data={json.dumps([str(qa_file), str(mcq)])}", "eval.decoding.max_new_tokens=4",
                                 "eval.max_samples=5", f"eval.output_dir={tmp_path / 'out'}"])
     result = evaluate(config, [ModelSpec("model", str(tiny_model_dir))])
     report = result.report
@@ -105,6 +106,33 @@ def test_single_model_eval_on_a_tiny_model(tiny_model_dir, qa_file, tmp_path):
     assert (tmp_path / "out" / "predictions.model.jsonl").is_file()
 
 
+def test_plan_reads_the_sets_and_names_what_it_replaces(tiny_model_dir, qa_file, tmp_path):
+    from rich.console import Console
+
+    from qatune.eval import recipe
+    from qatune.runtime import Runtime
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "eval_report.json").write_text("{}")
+    config = load_config(None, [f"eval.data={json.dumps([str(qa_file)])}", f"eval.output_dir={out}",
+                                "eval.max_samples=3"])
+    runtime = Runtime(device="cpu", native_bf16=True, console=Console(quiet=True))
+    plan = recipe.plan(config, runtime, [ModelSpec("model", str(tiny_model_dir))])
+    assert [(s.name, len(s)) for s in plan.sets] == [("qa", 3)] and not plan.compares
+    assert plan.dtype == torch.bfloat16  # model.dtype auto: the runtime's compute dtype
+    assert plan.overwrites == ("eval_report.json",) and [p.name for p in out.iterdir()] == ["eval_report.json"]
+    with pytest.raises(EvalError, match="nothing to evaluate"):
+        recipe.plan(load_config(None, []), runtime, [ModelSpec("model", str(tiny_model_dir))])
+
+
+def test_tuned_spec_puts_an_adapter_on_the_base(default_adapter, tiny_model_dir):
+    from qatune.eval.run import tuned_spec
+
+    assert tuned_spec(str(default_adapter), "default") == ModelSpec("tuned", "default", str(default_adapter))
+    assert tuned_spec(str(tiny_model_dir), "default") == ModelSpec("tuned", str(tiny_model_dir))
+
+
 def test_eval_command_errors(tmp_path, capsys):
     assert main(["eval", "--compare", "a", "b", "--model", "c"]) == 2
     assert "either --compare" in capsys.readouterr().err
@@ -115,14 +143,17 @@ def test_eval_command_errors(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_evaluation_after_training(tiny_model_dir, qa_file, tmp_path):
-    from qatune.train.run import train
+    """Composed by the caller (`qatune train` with eval.after_train): train, then base against tuned on
+    the held-out split and eval.general, and the training report points at the evaluation."""
+    from qatune.runtime import Runtime
+    from qatune.workflow import train_and_evaluate
 
     mcq = write_jsonl(tmp_path / "mcq.jsonl", [{"question": f"q{i}", "choices": ["yes", "no"], "answer": "A"}
                                                for i in range(4)])
     config = tiny_config(tmp_path, tiny_model_dir, qa_file, "method.name=lora", "train.max_steps=2",
-                         "eval.after_train=true", "eval.max_new_tokens=6", f"eval.general={json.dumps([str(mcq)])}")
-    result = train(config)
-    evaluation = result.evaluation
+                         "eval.after_train=true", "eval.decoding.max_new_tokens=6",
+                         f"eval.general={json.dumps([str(mcq)])}")
+    result, evaluation = train_and_evaluate(config, Runtime.detect())
     assert evaluation is not None and evaluation.output_dir == tmp_path / "run" / "eval"
     report = evaluation.report
     assert [s["name"] for s in report["sets"]] == ["held_out", "mcq"]
@@ -130,3 +161,18 @@ def test_evaluation_after_training(tiny_model_dir, qa_file, tmp_path):
     assert report["models"][1]["adapter"] == str(tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "train_report.json").read_text(encoding="utf-8"))
     assert saved["evaluation"]["report"].endswith("eval_report.json") and "held_out" in saved["evaluation"]["deltas"]
+    assert saved["evaluation"] == evaluation.headline()
+    assert saved["evaluation"]["forgetting_warnings"] == report["forgetting"]["warnings"]
+
+
+def test_evaluation_after_training_is_refused_before_training(tiny_model_dir, qa_file, tmp_path):
+    from qatune.runtime import Runtime
+    from qatune.train.run import TrainError
+    from qatune.workflow import train_and_evaluate
+
+    for overrides, message in ((["train.stage=pt"], "pt stage learns plain text"),
+                               (["data.val_size=0"], "nothing to evaluate")):
+        config = tiny_config(tmp_path, tiny_model_dir, qa_file, "eval.after_train=true", *overrides)
+        with pytest.raises(TrainError, match=message):
+            train_and_evaluate(config, Runtime.detect())
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()

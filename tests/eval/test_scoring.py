@@ -7,7 +7,12 @@ import torch
 
 from qatune.config import SourceConfig
 from qatune.data.templates import IGNORE_INDEX, resolve_template
-from qatune.eval.scoring import choice_predictions, corpus_perplexity, labelled_logprobs, reference_losses
+from qatune.eval.scoring import (
+    choice_predictions,
+    corpus_perplexity,
+    labelled_logprobs,
+    reference_losses,
+)
 from qatune.eval.sets import load_eval_set
 from tests.conftest import write_jsonl
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from qatune.config import SourceConfig
-from qatune.eval.sets import BAD_ANSWER, BAD_CHOICES, MALFORMED, NO_REFERENCE, EvalError, load_eval_set
+from qatune.eval.sets import (
+    BAD_ANSWER,
+    BAD_CHOICES,
+    MALFORMED,
+    NO_REFERENCE,
+    EvalError,
+    load_eval_set,
+)
 from tests.conftest import write_jsonl
 
 

@@ -12,8 +12,15 @@ from rich.console import Console
 from qatune.config import ModelConfig, load_config
 from qatune.errors import ModelLoadError
 from qatune.export.run import ExportError, export
+from qatune.runtime import Runtime
 
 QUESTIONS = ["What should I do when I have a fever?", "感冒了应该注意什么？"]
+
+
+def _quiet(device: str | None = None) -> Runtime:
+    """This machine's runtime (or one on `device`) with a console that prints nowhere."""
+    console = Console(file=io.StringIO())
+    return Runtime.detect(console) if device is None else Runtime(device=device, console=console)
 
 
 def _adapter(folder, base_loader, seed=0):
@@ -51,7 +58,7 @@ def exported(default_adapter, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "merged"
     config = load_config(None, [f"export.adapter={default_adapter}", f"export.output_dir={out}", "export.gguf=f16",
                                 "export.quantize=int8", "export.max_shard_size=200MB"])
-    return export(config, Console(file=io.StringIO()))
+    return export(config, _quiet())
 
 
 @pytest.mark.slow
@@ -96,6 +103,15 @@ def test_gguf_round_trip_and_modelfile(exported):
     modelfile = (out / "Modelfile").read_text()
     assert "FROM ./model-f16.gguf" in modelfile and "<|im_start|>{{ .Role }}" in modelfile
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert "PARAMETER temperature 0.7\nPARAMETER top_p 0.9" in modelfile  # serve.decoding's defaults
+
+
+def test_modelfile_samples_as_serve_decoding_says():
+    from qatune.config import DecodingConfig
+    from qatune.export.gguf import modelfile
+
+    text = modelfile("model-f16.gguf", "<|eot_id|>", DecodingConfig(temperature=0.3, top_p=0.8))
+    assert "PARAMETER temperature 0.3\nPARAMETER top_p 0.8" in text and "<|start_header_id|>" in text
 
 
 @pytest.mark.slow
@@ -118,22 +134,20 @@ def test_refusals_write_nothing(tiny_model_dir, tmp_path, default_adapter):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    cpu = _quiet("cpu")  # the CUDA refusal holds on any machine
     base = [f"model={json.dumps(str(tiny_model_dir))}", f"export.output_dir={out}"]
     with pytest.raises(ExportError, match="is not empty"):
-        export(load_config(None, base), Console(file=io.StringIO()))
+        export(load_config(None, base), cpu)
     with pytest.raises(ExportError, match="needs a CUDA GPU"):
-        export(load_config(None, base + ["export.overwrite=true", "export.quantize=bnb-4bit"]),
-               Console(file=io.StringIO()))
+        export(load_config(None, base + ["export.overwrite=true", "export.quantize=bnb-4bit"]), cpu)
     with pytest.raises(ExportError, match="not an adapter folder"):
-        export(load_config(None, base + ["export.overwrite=true", f"export.adapter={tmp_path}"]),
-               Console(file=io.StringIO()))
-    # An adapter trained on the default model does not fit the tiny one: found while loading, after staging began.
+        export(load_config(None, base + ["export.overwrite=true", f"export.adapter={tmp_path}"]), cpu)
+    # An adapter trained on the default model does not fit the tiny one: found while loading, before staging.
     with pytest.raises(ModelLoadError, match="does not fit the model"):
-        export(load_config(None, base + ["export.overwrite=true", f"export.adapter={default_adapter}"]),
-               Console(file=io.StringIO()))
+        export(load_config(None, base + ["export.overwrite=true", f"export.adapter={default_adapter}"]), cpu)
     with pytest.raises(ModelLoadError, match="not found"):
         export(load_config(None, [f"model={tmp_path / 'no-model'}", f"export.output_dir={out}",
-                                  "export.overwrite=true"]), Console(file=io.StringIO()))
+                                  "export.overwrite=true"]), cpu)
     assert [p.name for p in tmp_path.iterdir() if p.name != "out"] == []  # no staging folder left
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
@@ -144,7 +158,7 @@ def test_prefix_adapters_cannot_be_merged(tmp_path):
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
     with pytest.raises(ExportError, match="PREFIX_TUNING adapter cannot be merged"):
         export(load_config(None, [f"export.adapter={adapter}", f"export.output_dir={tmp_path / 'out'}"]),
-               Console(file=io.StringIO()))
+               _quiet())
 
 
 def test_export_of_a_whole_model_without_adapter(tiny_model_dir, tmp_path):
@@ -152,7 +166,48 @@ def test_export_of_a_whole_model_without_adapter(tiny_model_dir, tmp_path):
 
     result = export(load_config(None, [f"model={json.dumps(str(tiny_model_dir))}",
                                        f"export.output_dir={tmp_path / 'out'}", "export.gguf=q8_0"]),
-                    Console(file=io.StringIO()))
-    assert result.report["adapter"] is None and result.report["checks"]["merged"]["identical"] == 2
+                    _quiet())
+    checks = result.report["checks"]
+    # Nothing was merged, so no "merged" check: the folder written is read back and answers like the model.
+    assert result.report["adapter"] is None and "merged" not in checks and checks["saved"]["identical"] == 2
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.hidden_size == 64
     assert (tmp_path / "out" / "model-q8_0.gguf").stat().st_size > 0
+
+
+def test_the_check_without_adapter_catches_a_damaged_write(tiny_model_dir, tmp_path, monkeypatch):
+    """The check compares two different things: weights damaged on their way to disk show in it."""
+    from transformers import PreTrainedModel
+
+    save = PreTrainedModel.save_pretrained
+
+    def damaged_save(self, *args, **kwargs):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for parameter in self.parameters():
+                parameter.add_(torch.randn_like(parameter))
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", damaged_save)
+    result = export(load_config(None, [f"model={json.dumps(str(tiny_model_dir))}",
+                                       f"export.output_dir={tmp_path / 'out'}"]), _quiet())
+    check = result.report["checks"]["saved"]
+    assert check["questions"] == 2 and check["identical"] < 2
+    assert any(a["expected"] != a["got"] for a in check["answers"])
+
+
+def test_plan_decides_and_touches_nothing(tiny_model_dir, default_adapter, tmp_path):
+    from qatune.export import recipe
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("an earlier export")
+    config = load_config(None, [f"model={json.dumps(str(tiny_model_dir))}", f"export.output_dir={out}",
+                                "export.overwrite=true", f"export.adapter={default_adapter}", "export.dtype=bfloat16"])
+    plan = recipe.plan(config, _quiet("cpu"))
+    assert plan.deletes_existing and plan.output_dir == out and plan.staging.parent == tmp_path
+    assert plan.adapter is not None and plan.adapter.is_lora and plan.adapter.rank == 4
+    assert plan.save_dtype == torch.bfloat16 and plan.model.path == str(tiny_model_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "old.txt").is_file()
+    auto = recipe.plan(load_config(None, [f"model={json.dumps(str(tiny_model_dir))}",
+                                          f"export.output_dir={tmp_path / 'new'}"]), _quiet("cpu"))
+    assert auto.save_dtype is None and not auto.deletes_existing and auto.adapter is None

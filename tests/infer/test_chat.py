@@ -7,16 +7,17 @@ import json
 import pytest
 
 from qatune.cli import main
-from qatune.config import load_config
+from qatune.config import DecodingConfig, load_config
 from qatune.infer.chat import ChatSession, chat_loop
-from qatune.infer.generation import Decoding, generate
+from qatune.infer.generation import generate
+from qatune.runtime import Runtime
 
 
 @pytest.fixture(scope="module")
 def session(tiny_model_dir) -> ChatSession:
-    config = load_config(None, [f"model={json.dumps(str(tiny_model_dir))}", "serve.temperature=0",
-                                "serve.max_new_tokens=10"])
-    return ChatSession.load(config, system="You are a careful assistant.")
+    config = load_config(None, [f"model={json.dumps(str(tiny_model_dir))}", "serve.decoding.temperature=0",
+                                "serve.decoding.max_new_tokens=10"])
+    return ChatSession.load(config, Runtime.detect(), system="You are a careful assistant.")
 
 
 def test_streamed_answer_equals_generate_and_history_grows(session):
@@ -25,7 +26,7 @@ def test_streamed_answer_equals_generate_and_history_grows(session):
     assert len(pieces) >= 2
     messages = [{"role": "system", "content": session.system}, {"role": "user", "content": question}]
     batched = generate(session.model, session.tokenizer, session.template.source, [messages],
-                       Decoding(max_new_tokens=10), session.template.end_of_turn_id)[0]
+                       DecodingConfig(max_new_tokens=10), session.template.end_of_turn_id)[0]
     assert "".join(pieces).strip() == batched.text
     assert [m["role"] for m in session.history] == ["user", "assistant"]
 
@@ -53,11 +54,12 @@ def test_chat_loop_ends_at_end_of_input(session):
 
 
 def test_generate_command(tiny_model_dir, capsys):
-    settings = ["serve.temperature=0", "serve.max_new_tokens=6"]
+    settings = ["serve.decoding.temperature=0", "serve.decoding.max_new_tokens=6"]
     question = "What is the capital of France?"
     assert main(["generate", "--model", str(tiny_model_dir), *settings, question]) == 0
     printed = capsys.readouterr().out
-    session = ChatSession.load(load_config(None, [f"model={json.dumps(str(tiny_model_dir))}", *settings]))
+    session = ChatSession.load(load_config(None, [f"model={json.dumps(str(tiny_model_dir))}", *settings]),
+                               Runtime.detect())
     assert printed == "".join(session.ask(question)) + "\n"
 
 

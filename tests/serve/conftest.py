@@ -40,8 +40,8 @@ def serve_config(model_dir: Path, adapters: dict[str, Path] | None = None, *over
     # between a batch and a single row flips the random tiny model's greedy choices.
     adapters = {k: str(v) for k, v in (adapters or {}).items()}
     return load_config(None, [f"model={json.dumps(str(model_dir))}", "model.dtype=float32", f"serve.adapters={json.dumps(adapters)}",
-                              "serve.max_new_tokens=8", "serve.max_tokens=900", "serve.max_input_tokens=256",
-                              "serve.temperature=0", *overrides])
+                              "serve.decoding.max_new_tokens=8", "serve.max_tokens=900",
+                              "serve.max_input_tokens=256", "serve.decoding.temperature=0", *overrides])
 
 
 def free_port() -> int:
@@ -67,18 +67,20 @@ def start_server():
     """start_server(config, start_engine=True) -> RunningServer; every server stops at the end of the session."""
     import uvicorn
 
+    from qatune.runtime import Runtime
+    from qatune.serve import recipe
     from qatune.serve.app import create_app
-    from qatune.serve.engine import load_engine
-    from qatune.serve.metrics import ServiceMetrics
 
     running: list[tuple[uvicorn.Server, threading.Thread]] = []
+    runtime = Runtime.detect()
 
     def start(config, start_engine: bool = True) -> RunningServer:
-        metrics = ServiceMetrics()
-        engine = load_engine(config, on_step=metrics.on_step)
+        """`recipe.setup`, then the app on a free port (`recipe.run` would block on the configured one)."""
+        components = recipe.setup(recipe.plan(config, runtime))
+        engine = components.engine
         if start_engine:
             engine.start()
-        app = create_app(engine, config.serve, metrics)
+        app = create_app(engine, config.serve, components.metrics)
         port = free_port()
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)

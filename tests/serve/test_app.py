@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import httpx
 import openai
@@ -226,43 +227,137 @@ def test_chat_page_is_served(server):
     assert page.status_code == 200 and "/v1/chat/completions" in page.text and "text/html" in page.headers["content-type"]
 
 
+def cpu_runtime():
+    from qatune.runtime import Runtime
+
+    return Runtime(device="cpu")
+
+
 def test_vllm_engine_without_gpu_is_a_clear_error(tiny_model_dir):
-    from qatune.serve.engine import ServeError, load_engine
+    from qatune.serve.protocol import ServeError
+    from qatune.serve.recipe import plan
 
     with pytest.raises(ServeError) as caught:
-        load_engine(serve_config(tiny_model_dir, None, "serve.engine=vllm"))
+        plan(serve_config(tiny_model_dir, None, "serve.engine=vllm"), cpu_runtime())
     assert "serve.engine=hf" in str(caught.value)
+
+
+def test_vllm_is_refused_by_the_runtime_device_not_a_probe(tiny_model_dir, monkeypatch):
+    """With vllm installed, the plan asks the Runtime for the device: cpu is refused, cuda is planned."""
+    import importlib.util
+
+    from qatune.serve.protocol import ServeError
+    from qatune.serve.recipe import plan
+
+    config, cpu = serve_config(tiny_model_dir, None, "serve.engine=vllm"), cpu_runtime()
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else find_spec(name, *a))
+    with pytest.raises(ServeError, match="needs a CUDA GPU") as caught:
+        plan(config, cpu)
+    assert "serve.engine=hf" in str(caught.value)
+    planned = plan(config, replace(cpu, device="cuda"))
+    assert planned.runtime.device == "cuda" and [m.name for m in planned.models] == [tiny_model_dir.name]
+
+
+def test_plan_resolves_every_adapter_and_refuses_bad_ones(tmp_path, tiny_model_dir, lora_adapters):
+    from qatune.serve.protocol import ServeError
+    from qatune.serve.recipe import plan
+
+    planned = plan(serve_config(tiny_model_dir, lora_adapters), cpu_runtime())
+    assert [(m.name, m.adapter and m.adapter.kind, m.adapter and m.adapter.rank) for m in planned.models] == \
+        [(tiny_model_dir.name, None, None), ("alpha", "LORA", 4), ("beta", "LORA", 4)]
+    assert planned.default_model == "alpha"
+    with pytest.raises(ServeError, match="is not a folder"):
+        plan(serve_config(tiny_model_dir, {"gone": tmp_path / "gone"}), cpu_runtime())
+    with pytest.raises(ServeError, match="has no adapter_config.json"):
+        plan(serve_config(tiny_model_dir, {"empty": tmp_path}), cpu_runtime())
+    with pytest.raises(ServeError, match="two served models are called"):
+        plan(serve_config(tiny_model_dir, {tiny_model_dir.name: lora_adapters["alpha"]}), cpu_runtime())
+
+
+def test_request_defaults_come_from_serve_decoding(start_server, tiny_model_dir):
+    """A request that sets nothing gets serve.decoding.max_new_tokens; serve.max_tokens still caps requests."""
+    server = start_server(serve_config(tiny_model_dir, None, "serve.decoding.max_new_tokens=3",
+                                       "serve.decoding.repetition_penalty=1.5"))
+    body = {"messages": QUESTION}
+    answer = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    assert answer["usage"]["completion_tokens"] == 3 and answer["choices"][0]["finish_reason"] == "length"
+    plain = httpx.post(server.url + "/v1/chat/completions", json=body | {"repetition_penalty": 1.0, "max_tokens": 3},
+                       timeout=60).json()
+    penalized = httpx.post(server.url + "/v1/chat/completions", json=body | {"max_tokens": 3}, timeout=60).json()
+    assert penalized["choices"][0]["message"]["content"] == answer["choices"][0]["message"]["content"]
+    assert plain["choices"][0]["message"]["content"] != answer["choices"][0]["message"]["content"]
+    assert httpx.post(server.url + "/v1/chat/completions", json=body | {"max_tokens": 901}).status_code == 400
+
+
+def test_serve_entry_plans_loads_starts_and_runs_on_the_configured_address(tiny_model_dir, lora_adapters,
+                                                                           monkeypatch):
+    import uvicorn
+
+    from qatune.serve.recipe import ServeResult, serve
+
+    seen = {}
+
+    def run_app(app, host, port, **options):  # instead of serving until Ctrl-C
+        engine = app.state.engine
+        seen.update(host=host, port=port, started=engine.batcher._thread.is_alive(), engine=engine)
+
+    monkeypatch.setattr(uvicorn, "run", run_app)
+    result = serve(serve_config(tiny_model_dir, lora_adapters, "serve.port=8123"), cpu_runtime())
+    seen["engine"].stop()
+    assert result == ServeResult("http://127.0.0.1:8123", "hf", (tiny_model_dir.name, "alpha", "beta"))
+    assert (seen["host"], seen["port"], seen["started"]) == ("127.0.0.1", 8123, True)
+    assert seen["engine"].batcher.device.type == "cpu"
+
+
+def test_an_adapter_with_its_own_tokenizer_answers_in_its_own_template(tmp_path, tiny_model_dir, lora_adapters,
+                                                                       tokenizer):
+    """A qatune training output saves its tokenizer (with the training template): that template is served;
+    an adapter without one shares the base's."""
+    import shutil
+
+    from qatune.serve.recipe import plan, setup
+
+    trained = shutil.copytree(lora_adapters["alpha"], tmp_path / "trained")
+    copy = tokenizer.__class__.from_pretrained(tiny_model_dir)
+    copy.chat_template = "{{ 'You are a careful doctor.' }}" + tokenizer.chat_template
+    copy.save_pretrained(trained)
+    engine = setup(plan(serve_config(tiny_model_dir, {"doctor": trained, "beta": lora_adapters["beta"]}),
+                        cpu_runtime())).engine
+    base, doctor, beta = (engine.models[name] for name in (tiny_model_dir.name, "doctor", "beta"))
+    assert doctor.template.source == copy.chat_template != base.template.source
+    assert beta.template == base.template and beta.adapter == str(lora_adapters["beta"])
+    assert engine.batcher.prefixes["doctor"][:len(engine.batcher.prefixes[None])] != engine.batcher.prefixes[None]
 
 
 def test_serve_refuses_a_prefix_adapter(tmp_path, tiny_model_dir):
     from peft import PrefixTuningConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from qatune.serve.engine import ServeError, load_engine
+    from qatune.serve.protocol import ServeError
+    from qatune.serve.recipe import plan
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(tmp_path)
     with pytest.raises(ServeError, match="only LoRA"):
-        load_engine(serve_config(tiny_model_dir, {"pre": tmp_path}))
+        plan(serve_config(tiny_model_dir, {"pre": tmp_path}), cpu_runtime())
     json.loads((tmp_path / "adapter_config.json").read_text())  # untouched
 
 
 def test_served_answers_equal_generate_for_the_base_and_each_adapter(server, tiny_model_dir, lora_adapters):
     """Prefix cache, mixed-adapter batches and templates change nothing: the service answers what
     infer.generation.generate answers with that model alone."""
-    import torch
-
-    from qatune.config import ModelConfig
-    from qatune.infer.generation import Decoding, generate
+    from qatune.config import DecodingConfig, ModelConfig
+    from qatune.infer.generation import generate
     from qatune.infer.load import load_for_inference
 
     questions = ["What is a fever?", "感冒了应该注意什么？"]
     for name, adapter in [(base_name(server), None), *lora_adapters.items()]:
         template = server.engine.models[name].template
-        model, tok, template = load_for_inference(ModelConfig(name_or_path=str(tiny_model_dir)), str(tiny_model_dir),
-                                                  adapter, template.source, torch.float32, "cpu")
+        model, tok, template = load_for_inference(ModelConfig(name_or_path=str(tiny_model_dir), dtype="float32"),
+                                                  cpu_runtime(), adapter, template_source=template.source)
         expected = generate(model, tok, template.source, [[{"role": "user", "content": q}] for q in questions],
-                            Decoding(max_new_tokens=10), template.end_of_turn_id)
+                            DecodingConfig(max_new_tokens=10), template.end_of_turn_id)
         served = [httpx.post(server.url + "/v1/chat/completions", json={
             "model": name, "messages": [{"role": "user", "content": q}], "max_tokens": 10, "temperature": 0},
             timeout=60).json()["choices"][0]["message"]["content"] for q in questions]

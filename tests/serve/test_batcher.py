@@ -8,7 +8,8 @@ import threading
 import pytest
 import torch
 
-from qatune.serve.batcher import ContinuousBatcher, QueueFull, Request, Sampling, _held_back
+from qatune.serve.batcher import ContinuousBatcher, Request, _held_back
+from qatune.serve.protocol import QueueFull, Sampling
 
 
 @pytest.fixture(scope="module")

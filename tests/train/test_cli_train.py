@@ -11,7 +11,7 @@ from qatune.train.run import _is_out_of_memory
 def test_train_without_a_config_file(tmp_path, tiny_model_dir, qa_file, capsys) -> None:
     code = main(["train", "--model", str(tiny_model_dir), "--data", str(qa_file), f"data.output_dir={tmp_path / 'd'}",
                  f"train.output_dir={tmp_path / 'r'}", "train.max_steps=1", "train.report_to=none",
-                 "train.preview_questions=1", "eval.max_new_tokens=4", "data.clean.near_dedup=false"])
+                 "train.preview_questions=1", "eval.decoding.max_new_tokens=4", "data.clean.near_dedup=false"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "trainable parameters" in out and "base vs tuned" in out and "Wrote" in out

@@ -31,7 +31,7 @@ def test_lora_teaches_the_default_model_a_new_answer(tmp_path) -> None:
         "method.lora_rank=8", "method.target_modules=all-linear",
         "train.learning_rate=2e-3", "train.max_steps=20", "train.per_device_batch_size=4",
         "train.gradient_accumulation_steps=1", "train.warmup_steps=2", "train.eval_steps=10",
-        "train.report_to=none", "train.preview_questions=1", "eval.max_new_tokens=24",
+        "train.report_to=none", "train.preview_questions=1", "eval.decoding.max_new_tokens=24",
     ])
     result = train(config)
     row = result.preview[0]

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from qatune.config import load_config
-from qatune.train.run import TrainError, distributed_arguments, train
+from qatune.train.arguments import distributed_arguments
+from qatune.train.run import TrainError, train
 from tests.conftest import REPO, tiny_config
 
 # 18 train samples: 3 steps of a global batch of 4 stay inside the epoch (the epoch's last, partial

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qatune.train.dropout import LeanDropout, use_lean_dropout
+from qatune.compat.peft import lora_dropout_replaced
+from qatune.train.dropout import LeanDropout, plain_lora_dropouts
 
 
 def test_drops_at_the_rate_keeps_the_expectation_and_backs_through_the_same_mask() -> None:
@@ -31,7 +32,7 @@ def test_repeats_from_the_seed_and_is_the_identity_in_eval() -> None:
     assert LeanDropout(0.0).train()(x) is x
 
 
-def test_replaces_the_dropout_of_every_lora_layer(tiny_model_dir) -> None:
+def test_replaces_the_dropout_of_every_lora_layer_while_training(tiny_model_dir) -> None:
     from peft import LoraConfig, get_peft_model
 
     from qatune.config import ModelConfig
@@ -39,8 +40,12 @@ def test_replaces_the_dropout_of_every_lora_layer(tiny_model_dir) -> None:
 
     model = get_peft_model(load_model(ModelConfig(name_or_path=str(tiny_model_dir)), dtype=torch.float32),
                            LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    assert use_lean_dropout(model) == 2 * model.config.num_hidden_layers
-    dropouts = [m for m in model.modules() if isinstance(m, LeanDropout)]
-    assert len(dropouts) == 2 * model.config.num_hidden_layers and {d.p for d in dropouts} == {0.1}
-    assert not any(type(m) is torch.nn.Dropout for m in model.modules())
-    assert use_lean_dropout(model) == 0, "nothing left to swap"
+    assert plain_lora_dropouts(model) == 2 * model.config.num_hidden_layers
+    with lora_dropout_replaced(model, lambda dropout: LeanDropout(dropout.p)) as swapped:
+        assert swapped == 2 * model.config.num_hidden_layers
+        dropouts = [m for m in model.modules() if isinstance(m, LeanDropout)]
+        assert len(dropouts) == 2 * model.config.num_hidden_layers and {d.p for d in dropouts} == {0.1}
+        assert not any(type(m) is torch.nn.Dropout for m in model.modules())
+        assert plain_lora_dropouts(model) == 0, "nothing left to swap"
+    assert plain_lora_dropouts(model) == 2 * model.config.num_hidden_layers, "the model is as loaded again"
+    assert not any(isinstance(m, LeanDropout) for m in model.modules())

@@ -5,14 +5,20 @@ from __future__ import annotations
 import pytest
 
 from qatune.config import MethodConfig, ModelConfig
-from qatune.train.methods import MethodError, apply_method, check_method_here, summarize
+from qatune.runtime import Runtime
+from qatune.train.methods import (
+    MethodError,
+    apply_method,
+    check_method_here,
+    count_parameters,
+)
 
 
 @pytest.fixture
 def tiny_model(tiny_model_dir):
     from qatune.models import load_model
 
-    return load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+    return load_model(ModelConfig(name_or_path=str(tiny_model_dir)), Runtime.detect().dtype(ModelConfig()))
 
 
 def trainable(model) -> list[str]:
@@ -25,7 +31,7 @@ def test_lora_trains_only_adapters_on_the_targets(tiny_model) -> None:
     assert names and all("lora_" in n for n in names)
     assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in names} == {"q_proj", "v_proj"}
     # q_proj 64x64 and v_proj 64x32 per layer, rank 4: A is r x in, B is out x r.
-    assert summarize(model).trainable == 4 * (4 * 64 + 64 * 4 + 4 * 64 + 32 * 4)
+    assert count_parameters(model).trainable == 4 * (4 * 64 + 64 * 4 + 4 * 64 + 32 * 4)
 
 
 def test_lora_all_linear_and_dora(tiny_model) -> None:
@@ -62,7 +68,7 @@ def test_freeze_more_layers_than_the_model_has(tiny_model) -> None:
 
 def test_full_trains_everything(tiny_model) -> None:
     model = apply_method(tiny_model, MethodConfig(name="full"), False)
-    summary = summarize(model)
+    summary = count_parameters(model)
     assert summary.trainable == summary.total
 
 

@@ -11,9 +11,12 @@ import torch
 from qatune.config import ModelConfig
 from qatune.errors import ConfigError
 from qatune.models import load_model
+from qatune.runtime import Runtime
 from qatune.train.methods import MethodError
 from qatune.train.run import TrainError, complete_checkpoints, train
 from tests.conftest import tiny_config
+
+AUTO = Runtime.detect().dtype(ModelConfig())  # model.dtype=auto here
 
 
 def state_dict(model) -> dict[str, torch.Tensor]:
@@ -23,7 +26,7 @@ def state_dict(model) -> dict[str, torch.Tensor]:
 def test_loss_falls_and_report_is_complete(tmp_path, tiny_model_dir, qa_file) -> None:
     config = tiny_config(tmp_path, tiny_model_dir, qa_file, "method.name=full",
                          "train.num_epochs=4", "train.learning_rate=2e-3", "train.report_to=tensorboard",
-                         "train.preview_questions=2", "eval.max_new_tokens=8")
+                         "train.preview_questions=2", "eval.decoding.max_new_tokens=8")
     result = train(config)
     report = result.report
     assert report["final_eval_loss"] < report["initial_eval_loss"] - 0.5
@@ -59,10 +62,10 @@ def test_each_method_trains_two_steps_saves_and_loads_back(tmp_path, tiny_model_
     base = state_dict(load_model(ModelConfig(name_or_path=str(tiny_model_dir)), dtype=torch.float32))
     probe = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356]])
     with torch.no_grad():
-        base_logits = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))(probe).logits
+        base_logits = load_model(ModelConfig(name_or_path=str(tiny_model_dir)), AUTO)(probe).logits
     if method in ("lora", "prefix"):
         assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
-        model = PeftModel.from_pretrained(load_model(ModelConfig(name_or_path=str(tiny_model_dir))), str(out))
+        model = PeftModel.from_pretrained(load_model(ModelConfig(name_or_path=str(tiny_model_dir)), AUTO), str(out))
         if method == "lora":  # B starts at zero: every trained B moved
             lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
             assert lora_b and all(p.abs().sum() > 0 for p in lora_b)

@@ -59,8 +59,9 @@ class _Paragraph:
     last: int | None
 
 
-def read_documents(path: str | Path, max_words: int, encoding: str = "utf-8") -> Documents:
-    """Every document under `path` (or the file itself), chunked; unreadable files are listed in `skipped`."""
+def document_files(path: str | Path) -> tuple[list[Path], Path]:
+    """The documents at `path` (the file itself, or every document under the folder, sorted) and the
+    folder their names are relative to; raises when there is none."""
     root = Path(path).expanduser()
     if root.is_file():
         files, base = [root], root.parent
@@ -72,6 +73,12 @@ def read_documents(path: str | Path, max_words: int, encoding: str = "utf-8") ->
         raise DataError("no such file or folder", Location(str(root)))
     if not files:
         raise DataError(f"holds no {', '.join(DOCUMENT_SUFFIXES)} documents", Location(str(root)))
+    return files, base
+
+
+def read_documents(path: str | Path, max_words: int, encoding: str = "utf-8") -> Documents:
+    """Every document under `path` (or the file itself), chunked; unreadable files are listed in `skipped`."""
+    files, base = document_files(path)
     docs = Documents()
     for file in files:
         name = file.relative_to(base).as_posix()

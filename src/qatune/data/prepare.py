@@ -1,7 +1,13 @@
 """The data stage: read -> convert -> clean -> split -> mix -> tokenize -> write, with its report.
 
-`prepare(config)` is the entry point the CLI and the train stage both call; `check(...)` runs the
-reading and cleaning part alone and lists every problem without writing anything.
+A recipe (see `qatune.recipe`):
+- `plan` checks the sources and the model, fingerprints the inputs and decides whether the dataset
+  already in data.output_dir is theirs (then it is read back, not made again); it reads, never writes.
+- `setup` loads the tokenizer and reads and cleans every record (or reads back the reusable dataset).
+- `run` splits, mixes, tokenizes and (with `write`) replaces data.output_dir's dataset and report.
+
+`prepare(config)` is the CLI's entry point; `prepare_or_reuse(config, tokenizer)` the train stage's,
+with the tokenizer it has loaded already (one load per model).
 """
 
 from __future__ import annotations
@@ -10,22 +16,23 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qatune import __version__
+from qatune.compat.datasets import progress_bars_off
 from qatune.config import DataConfig, QatuneConfig, SourceConfig
 from qatune.data import clean
-from qatune.data.formats import check_columns, detect_format, to_conversation
-from qatune.data.readers import RawRecord, data_files, read_records
-from qatune.data.records import CONTROL_TOKEN, MALFORMED, TOO_LONG, Conversation, DropLog
-from qatune.data.registry import resolve_registry
+from qatune.data.records import Conversation, DropLog
+from qatune.data.sources import LoadedData, partition, source_files
 from qatune.errors import DataError, Location
+from qatune.runtime import Runtime
 
 if TYPE_CHECKING:
     from datasets import Dataset
+
+    from qatune.data.templates import ChatTemplate
 
 DATASET_DIR = "dataset"
 REPORT_FILE = "data_report.json"
@@ -33,27 +40,6 @@ DROPS_FILE = "dropped.jsonl"
 HISTOGRAM_FILE = "token_lengths.png"
 TEMPLATE_FILE = "chat_template.jinja"
 CONFIG_FILE = "config.yaml"
-TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
-
-
-@dataclass
-class SourceStats:
-    name: str
-    role: str  # domain, general or eval
-    files: list[str] = field(default_factory=list)
-    formats: set[str] = field(default_factory=set)
-    read: int = 0
-
-
-@dataclass
-class LoadedData:
-    """Cleaned conversations by role, with the drops and per-source read counts."""
-
-    domain: list[Conversation]
-    general: list[Conversation]
-    evaluation: list[Conversation]
-    log: DropLog
-    sources: list[SourceStats]
 
 
 @dataclass
@@ -66,101 +52,26 @@ class PreparedData:
     report: dict[str, Any]
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading and cleaning
+@dataclass(frozen=True)
+class PreparePlan:
+    config: QatuneConfig
+    runtime: Runtime
+    output_dir: Path
+    write: bool  # False: the dataset is built in memory only
+    fingerprint: str  # of everything the dataset depends on (see `fingerprint`)
+    reuse: bool  # output_dir holds the dataset these inputs make: read it back instead
+    # output_dir holds an earlier dataset that `run` replaces. The folder is the data stage's own
+    # (data.output_dir): writing there is the say-so, as it always was.
+    replaces: bool
 
 
-def expand_sources(sources: list[SourceConfig]) -> list[SourceConfig]:
-    """Registry entries (`dataset:`) become plain file sources."""
-    out: list[SourceConfig] = []
-    for source in sources:
-        out += resolve_registry(source) if source.dataset else [source]
-    return out
-
-
-def source_name(source: SourceConfig, taken: set[str]) -> str:
-    """The report's label: `name`, else folder/file (`zh_medical_qa/train`), made unique."""
-    path = Path(source.path)
-    name = source.name or (f"{path.parent.name}/{path.stem}" if path.suffix else path.name) or source.path
-    unique, n = name, 2
-    while unique in taken:
-        unique, n = f"{name}#{n}", n + 1
-    taken.add(unique)
-    return unique
-
-
-def read_source(source: SourceConfig, data: DataConfig, log: DropLog, stats: SourceStats) -> Iterator[Conversation]:
-    """Stream one source's conversations, normalised and filtered; bad records raise or are counted."""
-    for path in data_files(source.path, plain_text=source.format == "text"):
-        stats.files.append(str(path))
-        fmt = None
-        for taken, raw in enumerate(read_records(path, data.encoding)):
-            if source.max_records is not None and taken >= source.max_records:
-                break
-            stats.read += 1
-            if fmt is None and raw.data is not None:
-                # Decided once per file from its first readable record; a file whose shape fits no
-                # format (or a table missing a column) fails as a whole: skipping would drop it all.
-                fmt = detect_format(raw.data, source, raw.location)
-                if path.suffix.lower() in TABLE_SUFFIXES:
-                    check_columns(list(raw.data), fmt, source, Location(str(path)))
-                stats.formats.add(fmt)
-            conv = _convert(raw, fmt, source, stats.name, data, log)
-            if conv is None:
-                continue
-            clean.normalize(conv, data.clean.unicode_form)
-            rejected = clean.rejection(conv, data.clean)
-            if rejected:
-                log.add(rejected[0], stats.name, conv.location, rejected[1])
-                continue
-            yield conv
-
-
-def _convert(raw: RawRecord, fmt: str | None, source: SourceConfig, name: str, data: DataConfig,
-             log: DropLog) -> Conversation | None:
-    """One raw record to a Conversation; a bad record raises (on_error=raise) or is counted."""
-    error = raw.error
-    if error is None:
-        try:
-            return to_conversation(fmt, raw.data, source, name, raw.location)
-        except DataError as exc:
-            error = exc
-    if data.on_error == "raise":
-        if not error.hint:
-            error.hint = "fix the record, or set data.on_error=skip to drop and count bad records"
-        raise error
-    log.add(MALFORMED, name, raw.location, error.message)
-    return None
-
-
-def load(data: DataConfig, log: DropLog | None = None) -> LoadedData:
-    """Read every source, normalise, filter, and drop exact and near duplicates (counted in `log`)."""
-    log = log if log is not None else DropLog()
-    stats: list[SourceStats] = []
-    names: set[str] = set()
-    by_role: dict[str, list[Conversation]] = {}
-    for role, sources in (("domain", data.sources), ("general", data.general_sources), ("eval", data.eval_sources)):
-        convs: list[Conversation] = []
-        for source in expand_sources(sources):
-            stat = SourceStats(source_name(source, names), role)
-            stats.append(stat)
-            convs += read_source(source, data, log, stat)
-        by_role[role] = convs
-    if data.clean.dedup:
-        seen: dict[str, str] = {}  # domain and general share one index: a record in both is kept once
-        by_role["domain"] = clean.drop_exact_duplicates(by_role["domain"], log, seen)
-        by_role["general"] = clean.drop_exact_duplicates(by_role["general"], log, seen)
-        by_role["eval"] = clean.drop_exact_duplicates(by_role["eval"], log)
-    if data.clean.near_dedup:
-        kept = clean.drop_near_duplicates(by_role["domain"] + by_role["general"], data.clean, log)
-        by_role["domain"], by_role["general"] = _partition(kept, by_role["domain"])
-    return LoadedData(by_role["domain"], by_role["general"], by_role["eval"], log, stats)
-
-
-def _partition(kept: list[Conversation], group: list[Conversation]) -> tuple[list[Conversation], list[Conversation]]:
-    """Split what a filter kept of `group + others` back into (group, others), order preserved."""
-    ids = {id(c) for c in group}
-    return [c for c in kept if id(c) in ids], [c for c in kept if id(c) not in ids]
+@dataclass(frozen=True)
+class PrepareComponents:
+    started: float
+    tokenizer: Any = None
+    template: "ChatTemplate | None" = None
+    loaded: LoadedData | None = None
+    reused: PreparedData | None = None  # with plan.reuse, the dataset read back
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,139 +121,149 @@ def decorate(convs: list[Conversation], data: DataConfig, tag: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The stage
+# The recipe
 
 
-def prepare(config: QatuneConfig, write: bool = True) -> PreparedData:
-    """Run the whole data stage and (by default) write dataset, report, drops, histogram."""
-    from qatune.data import report as data_report
-    from qatune.data.templates import stage_template, template_metadata
-    from qatune.models import load_tokenizer
+def plan(config: QatuneConfig, runtime: Runtime, write: bool = True, reuse: bool = False) -> PreparePlan:
+    """Check the model and every source, fingerprint the inputs, decide reuse. Reads only; loads nothing.
+    `reuse`: read back the dataset in data.output_dir when its fingerprint is this one."""
+    from qatune.models import locate_model
 
     data = config.data
     if not data.sources:
         raise DataError("data.sources is empty", hint="add at least one dataset: data.sources=[path/to/file.jsonl]")
-    started = time.perf_counter()
-    tokenizer = load_tokenizer(config.model)  # first: a wrong model should fail before minutes of cleaning
-    stage = config.train.stage
-    template = stage_template(tokenizer, data.template, stage)
-    rng = random.Random(data.seed)
+    locate_model(config.model)  # first: a wrong model should fail before the data is even listed
+    digest = fingerprint(config, source_files(data.sources + data.general_sources + data.eval_sources))
+    out = Path(data.output_dir)
+    written = _written_fingerprint(out)
+    reusable = reuse and written == digest
+    return PreparePlan(config, runtime, out, write, digest, reusable, replaces=write and not reusable and
+                       written is not None)
 
-    loaded = load(data)
+
+def setup(plan: PreparePlan, tokenizer: Any = None) -> PrepareComponents:
+    """The tokenizer (`tokenizer` when the caller loaded it already) and the cleaned records; with
+    plan.reuse, the dataset read back instead."""
+    from qatune.data.sources import load
+    from qatune.data.templates import stage_template
+    from qatune.models import load_tokenizer
+
+    started = time.perf_counter()
+    if plan.reuse:
+        return PrepareComponents(started, reused=load_prepared(plan.output_dir))
+    config = plan.config
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
+    template = stage_template(tokenizer, config.data.template, config.train.stage)
+    return PrepareComponents(started, tokenizer, template, load(config.data))
+
+
+def run(plan: PreparePlan, components: PrepareComponents) -> PreparedData:
+    """Split, mix, tokenize; write dataset, report, drops and histogram when the plan says so."""
+    from qatune.data import report as data_report
+    from qatune.data.templates import template_metadata
+
+    if components.reused is not None:
+        return components.reused
+    config, data, loaded = plan.config, plan.config.data, components.loaded
+    rng = random.Random(data.seed)
     train, validation = split(loaded.domain, loaded.evaluation, data, rng)
     general = loaded.general
     if data.clean.leakage:
         kept = clean.drop_eval_leakage(train + general, validation, data.clean, loaded.log)
-        train, general = _partition(kept, train)
+        train, general = partition(kept, train)
     decorate(train + validation, data, tag=True)
     decorate(general, data, tag=False)
     train, mix_info = mix(train, general, data, rng)
-
-    if stage == "pt":
-        _check_plain_text(train + validation)
-        splits = {"train": _packed(train, tokenizer, data.max_length)}
-        if validation:
-            splits["validation"] = _packed(validation, tokenizer, data.max_length)
-    else:
-        splits = {"train": _tokenized(train, tokenizer, template, data, loaded.log)}
-        if validation:
-            splits["validation"] = _tokenized(validation, tokenizer, template, data, loaded.log)
-    elapsed = time.perf_counter() - started
+    splits = _tokenize({"train": train, "validation": validation}, config, components)
 
     report = data_report.build_report(
-        config=config, tokenizer=tokenizer, template=template_metadata(template), loaded=loaded,
-        splits=splits, mix_info=mix_info, elapsed=elapsed, version=__version__,
+        config=config, tokenizer=components.tokenizer, template=template_metadata(components.template),
+        loaded=loaded, splits=splits, mix_info=mix_info, elapsed=time.perf_counter() - components.started,
+        version=__version__,
     )
-    report["fingerprint"] = fingerprint(config)
-    validation_rows = splits.get("validation")
-    prepared = PreparedData(Path(data.output_dir), _to_dataset(splits["train"]),
-                            _to_dataset(validation_rows) if validation_rows else None, report)
-    if write:
-        _write(prepared, config, template.source, loaded.log, splits)
+    report["fingerprint"] = plan.fingerprint
+    prepared = _prepared(plan.output_dir, splits, report)
+    if plan.write:
+        _write(prepared, plan, components.template.source, loaded.log, splits)
     if not splits["train"]:
-        where = f"; every drop is listed in {prepared.output_dir / DROPS_FILE}" if write else ""
+        where = f"; every drop is listed in {prepared.output_dir / DROPS_FILE}" if plan.write else ""
         drops = ", ".join(f"{n} {reason}" for reason, n in loaded.log.by_reason().items()) or "none"
         raise DataError(f"no training sample left: {report['records_read']} records read, dropped: {drops}{where}",
                         hint="look at the drop reasons above; loosen data.clean thresholds or fix the data")
     return prepared
 
 
-def _tokenized(convs: list[Conversation], tokenizer: Any, template: Any, data: DataConfig,
-               log: DropLog) -> list[dict[str, Any]]:
-    from qatune.data.templates import control_token_in, control_tokens, tokenize
-
-    pattern = control_tokens(tokenizer)
-    usable = []
-    for conv in convs:
-        problem = control_token_in(conv, pattern)
-        if problem:
-            log.add(CONTROL_TOKEN, conv.source, conv.location, problem)
-        else:
-            usable.append(conv)
-    rows = []
-    for conv, samples in tokenize(usable, tokenizer, template, data.max_length, data.train_on_prompt):
-        if not samples:
-            log.add(TOO_LONG, conv.source, conv.location,
-                    f"prompt leaves less than a quarter of max_length={data.max_length} for the answer")
-            continue
-        for sample in samples:
-            rows.append({
-                "input_ids": sample.input_ids, "labels": sample.labels, "length": len(sample.input_ids),
-                "truncated": sample.truncated, "source": conv.source, "location": str(conv.location),
-                "messages": conv.messages,
-                "tools": json.dumps(conv.tools, ensure_ascii=False) if conv.tools else "",
-            })
-    return rows
+def prepare(config: QatuneConfig, runtime: Runtime | None = None, write: bool = True) -> PreparedData:
+    """Run the whole data stage and (by default) write dataset, report, drops, histogram."""
+    recipe_plan = plan(config, runtime or Runtime.detect(), write)
+    return run(recipe_plan, setup(recipe_plan))
 
 
-def _check_plain_text(convs: list[Conversation]) -> None:
-    """Continued pre-training reads documents, not conversations: a Q&A record there is a mistake."""
-    for conv in convs:
-        if not conv.is_text:
-            raise DataError("train.stage=pt trains on plain text, and this record is a conversation", conv.location,
-                            hint="give pt sources of format text ({\"text\": ...} records, .txt or .md files), "
-                                 "or set train.stage=sft")
+def prepare_or_reuse(config: QatuneConfig, tokenizer: Any = None,
+                     runtime: Runtime | None = None) -> tuple[PreparedData, bool]:
+    """The prepared dataset in data.output_dir when its inputs are unchanged, else a fresh `prepare`
+    (with `tokenizer` if given): a second training run on the same data does not tokenize it again.
+    Returns (data, reused)."""
+    recipe_plan = plan(config, runtime or Runtime.detect(), reuse=True)
+    return run(recipe_plan, setup(recipe_plan, tokenizer)), recipe_plan.reuse
 
 
-def _packed(convs: list[Conversation], tokenizer: Any, max_length: int, batch: int = 256) -> list[dict[str, Any]]:
-    """Continued pre-training samples, as LLaMA-Factory's pt stage makes them: every document followed by
-    eos, all joined into one token stream and cut into blocks of max_length, labels on every token. No
-    padding is wasted on short documents; only the last block may be shorter. A block records the
-    document it starts in (`source`, `location`) and every document it covers (`covers`, for the report)."""
-    import bisect
-
-    stream: list[int] = []
-    starts: list[int] = []  # where each document begins in the stream
-    for first in range(0, len(convs), batch):
-        texts = [conv.messages[0]["content"] for conv in convs[first:first + batch]]
-        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-            starts.append(len(stream))
-            stream += ids + [tokenizer.eos_token_id]
-    rows = []
-    for begin in range(0, len(stream), max_length):
-        block = stream[begin:begin + max_length]
-        if len(block) < 2:  # a lone final eos has nothing to predict
-            continue
-        first_doc = bisect.bisect_right(starts, begin) - 1
-        last_doc = bisect.bisect_right(starts, begin + len(block) - 1) - 1
-        conv = convs[first_doc]
-        rows.append({
-            "input_ids": block, "labels": list(block), "length": len(block), "truncated": False,
-            "source": conv.source, "location": str(conv.location),
-            "messages": [{"role": "text", "content": tokenizer.decode(block)}], "tools": "",
-            "covers": [(c.source, str(c.location)) for c in convs[first_doc:last_doc + 1]],
-        })
-    return rows
+# ---------------------------------------------------------------------------------------------
+# Parts of the recipe
 
 
-def _to_dataset(rows: list[dict[str, Any]]) -> "Dataset":
-    from datasets import Dataset
+def fingerprint(config: QatuneConfig, inputs: list[tuple[SourceConfig, list[Path]]]) -> str:
+    """What a prepared dataset depends on: the data and model sections, the stage, qatune's version, the
+    sources as read (registry entries expanded) and each input file's content. Equal fingerprints mean
+    `prepare` would write the same dataset. Content, not mtime: an edit within the file system's time
+    resolution still counts, and a file touched but unchanged is still reused."""
+    digest = hashlib.sha256()
+    settings = {"data": config.data.model_dump(mode="json", exclude={"output_dir"}),
+                "model": config.model.model_dump(mode="json"), "stage": config.train.stage, "version": __version__,
+                "sources": [source.model_dump(mode="json") for source, _ in inputs]}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for _, files in inputs:
+        for path in files:
+            digest.update(f"\n{path}\n".encode())
+            with open(path, "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
 
-    columns = ("input_ids", "labels", "length", "truncated", "source", "location", "messages", "tools")
-    return Dataset.from_dict({c: [r[c] for r in rows] for c in columns})
+
+def _written_fingerprint(out: Path) -> str | None:
+    """The fingerprint of the dataset prepared in `out` (None: there is none; "" when it is unreadable)."""
+    if not (out / REPORT_FILE).is_file() and not (out / DATASET_DIR).is_dir():
+        return None
+    try:
+        report = json.loads((out / REPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    return str(report.get("fingerprint", "")) if (out / DATASET_DIR).is_dir() else ""
 
 
-def _write(prepared: PreparedData, config: QatuneConfig, template_source: str, log: DropLog,
+def _tokenize(convs: dict[str, list[Conversation]], config: QatuneConfig,
+              components: PrepareComponents) -> dict[str, list[dict[str, Any]]]:
+    """Token rows per split (validation only when it has records): chat samples, or pt's packed text."""
+    from qatune.data.samples import chat_rows, check_plain_text, packed_rows
+
+    data, tokenizer = config.data, components.tokenizer
+    if config.train.stage == "pt":
+        check_plain_text(convs["train"] + convs["validation"])
+    return {name: (packed_rows(group, tokenizer, data.max_length) if config.train.stage == "pt"
+                   else chat_rows(group, tokenizer, components.template, data, components.loaded.log))
+            for name, group in convs.items() if name == "train" or group}
+
+
+def _prepared(output_dir: Path, splits: dict[str, list[dict[str, Any]]], report: dict[str, Any]) -> PreparedData:
+    from qatune.data.samples import to_dataset
+
+    validation = splits.get("validation")
+    return PreparedData(output_dir, to_dataset(splits["train"]), to_dataset(validation) if validation else None,
+                        report)
+
+
+def _write(prepared: PreparedData, plan: PreparePlan, template_source: str, log: DropLog,
            splits: dict[str, list[dict[str, Any]]]) -> None:
     from datasets import DatasetDict
 
@@ -350,51 +271,21 @@ def _write(prepared: PreparedData, config: QatuneConfig, template_source: str, l
 
     out = prepared.output_dir
     out.mkdir(parents=True, exist_ok=True)
+    if plan.replaces:  # the report goes first: a half-replaced dataset must never look reusable
+        (out / REPORT_FILE).unlink(missing_ok=True)
     parts = {"train": prepared.train}
     if prepared.validation is not None:
         parts["validation"] = prepared.validation
-    DatasetDict(parts).save_to_disk(str(out / DATASET_DIR))
+    with progress_bars_off():  # the summary says what was written
+        DatasetDict(parts).save_to_disk(str(out / DATASET_DIR))
     if template_source:  # a base model's pt run has none
         (out / TEMPLATE_FILE).write_text(template_source, encoding="utf-8")
-    (out / CONFIG_FILE).write_text(config.to_yaml(), encoding="utf-8")
-    with open(out / DROPS_FILE, "w", encoding="utf-8") as f:
-        for drop in log.drops:
-            f.write(json.dumps({"reason": drop.reason, "source": drop.source, "location": drop.location,
-                                "detail": drop.detail}, ensure_ascii=False) + "\n")
+    (out / CONFIG_FILE).write_text(plan.config.to_yaml(), encoding="utf-8")
+    (out / DROPS_FILE).write_text(log.as_jsonl(), encoding="utf-8")
     save_histogram({name: [r["length"] for r in rows] for name, rows in splits.items()},
-                   config.data.max_length, out / HISTOGRAM_FILE)
+                   plan.config.data.max_length, out / HISTOGRAM_FILE)
     prepared.report["files"] = sorted({p.name for p in out.iterdir()} | {REPORT_FILE})
     (out / REPORT_FILE).write_text(json.dumps(prepared.report, ensure_ascii=False, indent=2), encoding="utf-8")
-
-
-def fingerprint(config: QatuneConfig) -> str:
-    """What a prepared dataset depends on: the data and model sections, qatune's version, and each
-    input file's size and mtime. Equal fingerprints mean `prepare` would write the same dataset."""
-    digest = hashlib.sha256()
-    settings = {"data": config.data.model_dump(mode="json", exclude={"output_dir"}),
-                "model": config.model.model_dump(mode="json"), "stage": config.train.stage, "version": __version__}
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    data = config.data
-    for source in data.sources + data.eval_sources + data.general_sources:
-        root = Path(source.path)
-        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-        for path in files:
-            stat = path.stat() if path.exists() else None
-            digest.update(f"{path}:{stat and stat.st_size}:{stat and stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:16]
-
-
-def prepare_or_reuse(config: QatuneConfig) -> tuple[PreparedData, bool]:
-    """The prepared dataset in data.output_dir when its inputs are unchanged, else a fresh `prepare`:
-    a second training run on the same data does not tokenize it again. Returns (data, reused)."""
-    out = Path(config.data.output_dir)
-    try:
-        written = json.loads((out / REPORT_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        written = {}
-    if written.get("fingerprint") == fingerprint(config) and (out / DATASET_DIR).is_dir():
-        return load_prepared(out), True
-    return prepare(config), False
 
 
 def load_prepared(output_dir: str | Path) -> PreparedData:
@@ -406,34 +297,7 @@ def load_prepared(output_dir: str | Path) -> PreparedData:
     if not report_path.is_file() or not (out / DATASET_DIR).is_dir():
         raise DataError(f"no prepared dataset here (missing {REPORT_FILE} or {DATASET_DIR}/)", Location(str(out)),
                         hint="run `qatune data prepare CONFIG` first")
-    splits = load_from_disk(str(out / DATASET_DIR))
+    with progress_bars_off():
+        splits = load_from_disk(str(out / DATASET_DIR))
     report = json.loads(report_path.read_text(encoding="utf-8"))
     return PreparedData(out, splits["train"], splits["validation"] if "validation" in splits else None, report)
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation only
-
-
-@dataclass
-class CheckResult:
-    records: int
-    kept: int
-    formats: dict[str, list[str]]
-    log: DropLog
-
-    @property
-    def errors(self) -> int:
-        return sum(1 for d in self.log.drops if d.reason == MALFORMED)
-
-
-def check(sources: list[SourceConfig], data: DataConfig) -> CheckResult:
-    """Read and clean without writing: every bad record and every would-be drop, with its location."""
-    data = data.model_copy(update={"sources": sources, "general_sources": [], "eval_sources": [], "on_error": "skip"})
-    loaded = load(data)
-    return CheckResult(
-        records=sum(s.read for s in loaded.sources),
-        kept=len(loaded.domain),
-        formats={s.name: sorted(s.formats) for s in loaded.sources},
-        log=loaded.log,
-    )

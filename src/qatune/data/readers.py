@@ -19,7 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qatune.errors import DataError, DataFormatError, EmptyFileError, EncodingError, Location
+from qatune.errors import (
+    DataError,
+    DataFormatError,
+    EmptyFileError,
+    EncodingError,
+    Location,
+)
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 # Read as one `text` record each: named directly, or in a folder whose source has `format: text`

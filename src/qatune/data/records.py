@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 
 from qatune.errors import Location
-
-# Roles of a chat turn. `text` marks a plain document for continued pre-training (no template).
-ROLES = ("system", "user", "assistant", "tool", "text")
-PROMPT_ROLES = ("system", "user", "tool")
 
 
 @dataclass(slots=True)
@@ -82,6 +79,11 @@ class DropLog:
         for d in self.drops:
             out.setdefault(d.source, Counter())[d.reason] += 1
         return {s: dict(c) for s, c in out.items()}
+
+    def as_jsonl(self) -> str:
+        """One JSON object a line per drop: the `dropped.jsonl` beside every dataset qatune writes."""
+        return "".join(json.dumps({"reason": d.reason, "source": d.source, "location": d.location,
+                                   "detail": d.detail}, ensure_ascii=False) + "\n" for d in self.drops)
 
     def __len__(self) -> int:
         return len(self.drops)

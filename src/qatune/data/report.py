@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from qatune.config import QatuneConfig
-    from qatune.data.prepare import LoadedData
+    from qatune.data.sources import LoadedData
 
 PERCENTILES = (50, 90, 95, 99)
 EXAMPLES_PER_REASON = 3

@@ -2,7 +2,8 @@
 
 - `predictions.<label>.jsonl`: one line per item: question, reference, prediction, its scores.
 - `review_sheet.csv`: one row per answer with an empty 1-5 `score` column, UTF-8 with a BOM so
-  that Excel shows Chinese; `qatune eval summarize` aggregates the filled sheet.
+  that Excel shows Chinese; `qatune eval summarize` (`summarize_review_sheet`) aggregates the
+  filled sheet.
 - `eval_report.json` (everything), `eval_report.md`, and `eval_report.html`: self-contained,
   charts inline as SVG, no network needed to open it.
 """
@@ -32,15 +33,22 @@ LOWER_IS_BETTER = ("perplexity", "latency_p50_s", "latency_p95_s", "empty_answer
 CHART_METRICS = ("bleu4", "rouge1", "rouge2", "rougeL", "token_f1", "exact_match", "accuracy")
 
 
+def predictions_file(label: str) -> str:
+    return f"predictions.{label}.jsonl"
+
+
+def written_files(labels: list[str]) -> list[str]:
+    """The names `write_all` writes for models with these labels (an evaluation plan says which it replaces)."""
+    return [predictions_file(label) for label in labels] + [REVIEW_SHEET, REPORT_JSON, REPORT_MD, REPORT_HTML]
+
+
 def write_all(report: dict[str, Any], predictions: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
     """Write every file; returns their names (the report lists them too)."""
-    files = []
     for label, rows in predictions.items():
-        name = f"predictions.{label}.jsonl"
-        (out / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        files.append(name)
+        (out / predictions_file(label)).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                                   encoding="utf-8")
     write_review_sheet(predictions, out / REVIEW_SHEET)
-    files += [REVIEW_SHEET, REPORT_JSON, REPORT_MD, REPORT_HTML]
+    files = written_files(list(predictions))
     report["files"] = files
     (out / REPORT_JSON).write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
     (out / REPORT_MD).write_text(markdown(report), encoding="utf-8")
@@ -58,8 +66,8 @@ def write_review_sheet(predictions: dict[str, list[dict[str, Any]]], path: Path)
                     writer.writerow([r["set"], r["id"], label, r["question"], r["reference"], r["prediction"], "", ""])
 
 
-def summarize(sheet: str | Path) -> dict[str, Any]:
-    """Aggregate experts' 1-5 scores by set and model; an invalid score names its row."""
+def summarize_review_sheet(sheet: str | Path) -> dict[str, Any]:
+    """Aggregate the experts' 1-5 scores of a filled review sheet by set and model; an invalid score names its row."""
     path = Path(sheet)
     if not path.is_file():
         raise EvalError("no such review sheet", Location(str(path)))

@@ -1,1 +1,2 @@
-"""The export stage: `export(config) -> ExportResult` (see run.py); GGUF writing in gguf.py."""
+"""The export stage: `export(config, runtime) -> ExportResult` (run.py) over the recipe in recipe.py;
+GGUF writing in gguf.py."""

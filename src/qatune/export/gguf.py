@@ -16,8 +16,7 @@ from qatune.errors import QatuneError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-GGUF_TYPES = ("f16", "q8_0")
-
+    from qatune.config import DecodingConfig
 
 class GGUFExportError(QatuneError):
     """A model this GGUF writer cannot express."""
@@ -147,14 +146,15 @@ _OLLAMA_TEMPLATES = {
 }
 
 
-def modelfile(gguf_name: str, end_of_turn: str, temperature: float = 0.7, top_p: float = 0.9) -> str:
-    """An Ollama Modelfile for the GGUF beside it: `ollama create NAME -f Modelfile`."""
+def modelfile(gguf_name: str, end_of_turn: str, decoding: "DecodingConfig") -> str:
+    """An Ollama Modelfile for the GGUF beside it: `ollama create NAME -f Modelfile`. Its sampling is
+    `decoding` (export passes serve.decoding: Ollama answers as `qatune serve` would)."""
     lines = ["# ollama create my-assistant -f Modelfile && ollama run my-assistant", f"FROM ./{gguf_name}"]
     template = _OLLAMA_TEMPLATES.get(end_of_turn.strip())
     if template:
         lines.append(f'TEMPLATE """{template}"""')
     else:
         lines.append("# TEMPLATE: none written; Ollama uses the chat template stored in the GGUF file")
-    lines += [f'PARAMETER stop "{end_of_turn.strip()}"', f"PARAMETER temperature {temperature}",
-              f"PARAMETER top_p {top_p}"]
+    lines += [f'PARAMETER stop "{end_of_turn.strip()}"', f"PARAMETER temperature {decoding.temperature}",
+              f"PARAMETER top_p {decoding.top_p}"]
     return "\n".join(lines) + "\n"

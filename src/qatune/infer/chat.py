@@ -1,7 +1,7 @@
 """Terminal chat (`qatune chat`) and one-shot answers (`qatune generate`).
 
 The model answers with the chat template it was trained on and stops at its end-of-turn token;
-answers stream as they are generated. Decoding comes from the `serve` section (temperature 0.7,
+answers stream as they are generated. Decoding comes from `serve.decoding` (temperature 0.7,
 top_p 0.9 by default), so chat, generate and the service answer alike.
 """
 
@@ -11,18 +11,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from qatune.infer.generation import Decoding, stream
+from qatune.infer.generation import stream
 
 if TYPE_CHECKING:
-    from qatune.config import QatuneConfig
+    from qatune.config import DecodingConfig, QatuneConfig
     from qatune.data.templates import ChatTemplate
+    from qatune.runtime import Runtime
 
 COMMANDS = "/reset starts a new conversation, /exit (or Ctrl-D) leaves"
-
-
-def decoding_from(config: "QatuneConfig") -> Decoding:
-    s = config.serve
-    return Decoding(s.max_new_tokens, s.temperature, s.top_p, s.repetition_penalty)
 
 
 @dataclass
@@ -32,23 +28,17 @@ class ChatSession:
     model: Any
     tokenizer: Any
     template: "ChatTemplate"
-    decoding: Decoding
+    decoding: "DecodingConfig"
     system: str | None = None
     history: list[dict[str, str]] = field(default_factory=list)
 
     @classmethod
-    def load(cls, config: "QatuneConfig", adapter: str | None = None, system: str | None = None) -> "ChatSession":
-        import torch
+    def load(cls, config: "QatuneConfig", runtime: "Runtime", adapter: str | None = None,
+             system: str | None = None) -> "ChatSession":
+        from qatune.infer.load import load_for_inference
 
-        from qatune.infer.load import load_for_inference, trained_template
-        from qatune.models import configured_dtype
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model_name = config.model.name_or_path
-        template = trained_template(config.model, model_name, adapter, config.data.template)
-        model, tokenizer, template = load_for_inference(config.model, model_name, adapter, template.source,
-                                                        configured_dtype(config.model, device), device)
-        return cls(model, tokenizer, template, decoding_from(config), system)
+        model, tokenizer, template = load_for_inference(config.model, runtime, adapter, config.data.template)
+        return cls(model, tokenizer, template, config.serve.decoding, system)
 
     def ask(self, question: str) -> Iterator[str]:
         """Stream the answer to `question`; question and answer join the history once it is complete."""

@@ -13,26 +13,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from qatune.config import DecodingConfig
 from qatune.data.templates import render
+
+GREEDY = DecodingConfig()
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     import torch
-    from qatune.config import EvalConfig
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-
-@dataclass(frozen=True)
-class Decoding:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-
-    @classmethod
-    def from_config(cls, cfg: "EvalConfig") -> "Decoding":
-        return cls(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.repetition_penalty)
 
 
 @dataclass(frozen=True)
@@ -95,7 +85,7 @@ def stop_token_ids(tokenizer: "PreTrainedTokenizerBase", end_of_turn_id: int | N
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
-def _generate_options(tokenizer: "PreTrainedTokenizerBase", decoding: Decoding,
+def _generate_options(tokenizer: "PreTrainedTokenizerBase", decoding: DecodingConfig,
                       end_of_turn_id: int | None) -> tuple[list[int], dict[str, Any]]:
     """Stop ids and `model.generate` options for `decoding`."""
     stops = stop_token_ids(tokenizer, end_of_turn_id)
@@ -117,7 +107,7 @@ def prompt_ids(tokenizer: "PreTrainedTokenizerBase", template: str, messages: li
 
 
 def generate(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", template: str,
-             prompts: list[list[dict[str, str]]], decoding: Decoding = Decoding(),
+             prompts: list[list[dict[str, str]]], decoding: DecodingConfig = GREEDY,
              end_of_turn_id: int | None = None, batch_size: int = 8) -> list[Answer]:
     """Answer each prompt (a message list ending with a user turn), in the prompts' order.
 
@@ -142,7 +132,7 @@ def generate(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", tem
 
 
 def stream(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", template: str,
-           messages: list[dict[str, str]], decoding: Decoding = Decoding(),
+           messages: list[dict[str, str]], decoding: DecodingConfig = GREEDY,
            end_of_turn_id: int | None = None) -> Iterator[str]:
     """Answer one conversation, yielding the text piece by piece as it is generated."""
     import threading

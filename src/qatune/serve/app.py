@@ -1,7 +1,7 @@
 """The HTTP service: OpenAI-compatible routes, `/answer`, `/health`, `/metrics` and the chat page.
 
-`create_app(engine, cfg)` builds the FastAPI app around a started engine; `serve(config)` loads the
-engine and runs uvicorn. Every error reaches the client as OpenAI's error JSON
+`create_app(engine, cfg)` builds the FastAPI app around a started engine (`serve.recipe` loads the
+engine and runs uvicorn). Every error reaches the client as OpenAI's error JSON
 (`{"error": {"message", "type", "param", "code"}}`) with a message that says what to change;
 no stack trace ever leaves the server.
 """
@@ -27,11 +27,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qatune.serve.engine import Engine, Generation, QueueFull, Sampling, Update, chat_prompt
 from qatune.serve.metrics import MetricsMiddleware, ServiceMetrics
+from qatune.serve.protocol import (
+    Engine,
+    Generation,
+    QueueFull,
+    Sampling,
+    Update,
+    chat_prompt,
+)
 
 if TYPE_CHECKING:
-    from qatune.config import QatuneConfig, ServeConfig
+    from qatune.config import ServeConfig
 
 log = logging.getLogger("qatune.serve")
 PAGE = Path(__file__).parent / "static" / "index.html"
@@ -224,7 +231,8 @@ def _sampling(cfg: "ServeConfig", engine: Engine, body: _Decoding, prompt_tokens
     if requested is not None and requested > cfg.max_tokens:
         raise ApiError(400, f"max_tokens={requested} is above this server's limit of {cfg.max_tokens} "
                             "(serve.max_tokens)", param="max_tokens")
-    max_new = requested or min(cfg.max_new_tokens, cfg.max_tokens)
+    defaults = cfg.decoding
+    max_new = requested or min(defaults.max_new_tokens, cfg.max_tokens)
     if engine.max_positions and prompt_tokens + max_new > engine.max_positions:
         raise ApiError(400, f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_new}) exceeds the model's "
                             f"context of {engine.max_positions} tokens", param="max_tokens",
@@ -237,9 +245,9 @@ def _sampling(cfg: "ServeConfig", engine: Engine, body: _Decoding, prompt_tokens
         raise ApiError(400, "stop takes up to 4 non-empty strings", param="stop")
     return Sampling(
         max_new_tokens=max_new,
-        temperature=cfg.temperature if body.temperature is None else body.temperature,
-        top_p=cfg.top_p if body.top_p is None else body.top_p,
-        repetition_penalty=cfg.repetition_penalty if body.repetition_penalty is None else body.repetition_penalty,
+        temperature=defaults.temperature if body.temperature is None else body.temperature,
+        top_p=defaults.top_p if body.top_p is None else body.top_p,
+        repetition_penalty=defaults.repetition_penalty if body.repetition_penalty is None else body.repetition_penalty,
         stop=tuple(stops), seed=body.seed,
     )
 
@@ -368,18 +376,3 @@ async def _sse(generation: Generation, cfg: "ServeConfig", metrics: ServiceMetri
 def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-
-def serve(config: "QatuneConfig") -> None:
-    """Load the engine with every adapter, then serve until Ctrl-C."""
-    import uvicorn
-
-    from qatune.serve.engine import load_engine
-
-    metrics = ServiceMetrics()
-    engine = load_engine(config, on_step=metrics.on_step)
-    engine.start()
-    cfg = config.serve
-    app = create_app(engine, cfg, metrics)
-    print(f"Serving {', '.join(engine.models)} (engine {engine.kind}) on http://{cfg.host}:{cfg.port}  "
-          f"chat page: /  API: /v1/chat/completions  metrics: /metrics", flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)

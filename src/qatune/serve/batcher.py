@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from qatune.serve.protocol import QueueFull, Sampling, Update
 
 if TYPE_CHECKING:
     import torch
@@ -38,27 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("qatune.serve")
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 GREEDY_BELOW = 1e-5  # a temperature this small is greedy (as in vLLM): dividing by it overflows
-
-
-@dataclass
-class Sampling:
-    max_new_tokens: int
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-
-@dataclass
-class Update:
-    """What a request learns after a step: new text, and at the end why it finished."""
-
-    text: str = ""
-    finish_reason: str | None = None  # stop | length | cancelled | error
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: str | None = None
 
 
 @dataclass
@@ -73,15 +53,10 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: list[int] = field(default_factory=list)
     emitted: int = 0  # characters of the answer already sent
-    submitted: float = field(default_factory=time.perf_counter)
     generator: "torch.Generator | None" = None
 
     def cancel(self) -> None:
         self.cancelled.set()
-
-
-class QueueFull(Exception):
-    """More requests are waiting or running than the engine accepts."""
 
 
 class ContinuousBatcher:
@@ -281,7 +256,11 @@ class ContinuousBatcher:
 
     def _next_tokens(self, rows: list[Request], logits: "torch.Tensor") -> list[int]:
         import torch
-        from transformers import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
+        from transformers import (
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopPLogitsWarper,
+        )
 
         tokens = logits.argmax(-1).tolist()
         for i, r in enumerate(rows):

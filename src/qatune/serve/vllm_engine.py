@@ -8,27 +8,31 @@ the one base model.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import itertools
-import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qatune.serve.engine import Generation, QueueFull, Sampling, ServedModel, ServeError, Update, served_models
+from qatune.serve.protocol import (
+    Generation,
+    QueueFull,
+    Sampling,
+    ServedModel,
+    ServeError,
+    Update,
+)
 
 if TYPE_CHECKING:
-    from qatune.config import QatuneConfig
+    from qatune.config import ModelConfig, ServeConfig
+
+DEFAULT_LORA_RANK = 8  # vLLM's smallest max_lora_rank, and peft's default r
 
 
-def check_vllm() -> None:
-    """vLLM and a CUDA GPU, or a ServeError that says what is missing."""
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
+def check_vllm(device: str) -> None:
+    """vLLM and a CUDA GPU, or a ServeError that says what is missing (imports nothing)."""
+    if importlib.util.find_spec("vllm") is None:
         raise ServeError("serve.engine vllm needs the vllm package, which is not installed",
-                         hint="pip install vllm (Linux with a CUDA GPU), or use serve.engine=hf") from None
-    import torch
-
-    if not torch.cuda.is_available():
+                         hint="pip install vllm (Linux with a CUDA GPU), or use serve.engine=hf")
+    if device != "cuda":
         raise ServeError("serve.engine vllm needs a CUDA GPU, and none is visible here",
                          hint="use serve.engine=hf, which batches requests on the CPU too")
 
@@ -49,25 +53,23 @@ class VLLMEngine:
         self._lora = {name: i for i, name in enumerate((m.name for m in models.values() if m.adapter), start=1)}
 
     @classmethod
-    def from_config(cls, config: "QatuneConfig") -> "VLLMEngine":
-        check_vllm()
+    def load(cls, model_cfg: "ModelConfig", serve_cfg: "ServeConfig", models: dict[str, ServedModel],
+             default_model: str, tokenizer: Any, lora_ranks: list[int | None]) -> "VLLMEngine":
+        """vLLM's engine on the base model, taking every LoRA adapter of `models` (their ranks: `lora_ranks`)."""
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
-        from qatune.infer.load import inference_tokenizer
         from qatune.models import gguf_as_hf_folder, locate_model
 
-        models, default = served_models(config)
-        location = locate_model(config.model)
+        location = locate_model(model_cfg)
         path = str(gguf_as_hf_folder(location, weights=True)) if location.gguf_file else location.path
         adapters = [m.adapter for m in models.values() if m.adapter]
-        ranks = [json.loads((Path(a) / "adapter_config.json").read_text(encoding="utf-8")).get("r", 8) for a in adapters]
         args = AsyncEngineArgs(model=path, enable_lora=bool(adapters), max_loras=max(1, len(adapters)),
-                               max_lora_rank=max([8, *ranks]), max_num_seqs=config.serve.max_batch_size,
-                               trust_remote_code=config.model.trust_remote_code)
+                               max_lora_rank=max([DEFAULT_LORA_RANK, *(r or DEFAULT_LORA_RANK for r in lora_ranks)]),
+                               max_num_seqs=serve_cfg.max_batch_size,
+                               trust_remote_code=model_cfg.trust_remote_code)
         llm = AsyncLLMEngine.from_engine_args(args)
-        tokenizer = inference_tokenizer(config.model, config.model.name_or_path)
         max_positions = getattr(llm.model_config, "max_model_len", None) if hasattr(llm, "model_config") else None
-        return cls(llm, tokenizer, models, default, max_positions, config.serve.max_queue)
+        return cls(llm, tokenizer, models, default_model, max_positions, serve_cfg.max_queue)
 
     @property
     def queue_depth(self) -> int:

@@ -50,15 +50,12 @@ def padding_free_implementation(device: str) -> str:
 @contextmanager
 def padding_free_attention(model: Any, device: str) -> Iterator[str]:
     """The model attends per sample inside the block; its own implementation is back afterwards
-    (generation with a KV cache, and saved checkpoints, use that one)."""
-    from transformers import AttentionInterface
+    (generation with a KV cache, and saved checkpoints, use that one), and the registry as it was."""
+    from qatune.compat.transformers import (
+        attention_implementation,
+        registered_attention,
+    )
 
-    AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    before = inner.config._attn_implementation
     implementation = padding_free_implementation(device)
-    inner.set_attn_implementation(implementation)
-    try:
+    with registered_attention(VARLEN_SDPA, varlen_sdpa_attention), attention_implementation(model, implementation):
         yield implementation
-    finally:
-        inner.set_attn_implementation(before)

@@ -61,15 +61,8 @@ class LeanDropout(torch.nn.Module):
         return f"p={self.p}"
 
 
-def use_lean_dropout(model: torch.nn.Module) -> int:
-    """Swap the nn.Dropout of every peft LoRA layer for LeanDropout; returns how many were swapped."""
-    swapped = 0
-    for module in model.modules():
-        dropouts = getattr(module, "lora_dropout", None)
-        if not isinstance(dropouts, torch.nn.ModuleDict):
-            continue
-        for name, dropout in dropouts.items():
-            if type(dropout) is torch.nn.Dropout:
-                dropouts[name] = LeanDropout(dropout.p)
-                swapped += 1
-    return swapped
+def plain_lora_dropouts(model: torch.nn.Module) -> int:
+    """How many peft LoRA layers hold a plain nn.Dropout that LeanDropout can stand in for."""
+    return sum(type(dropout) is torch.nn.Dropout for module in model.modules()
+               if isinstance(dropouts := getattr(module, "lora_dropout", None), torch.nn.ModuleDict)
+               for dropout in dropouts.values())

@@ -23,7 +23,7 @@ class MethodError(QatuneError):
 
 
 @dataclass(frozen=True)
-class ParamSummary:
+class ParameterCount:
     trainable: int
     total: int
 
@@ -70,9 +70,10 @@ def load_for_method(model_cfg: ModelConfig, method: MethodConfig, precision: "to
             bnb_4bit_compute_dtype=precision,
         )
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-    dtype = None if model_cfg.dtype != "auto" else (
-        precision if method.name in ADAPTER_METHODS else torch.float32
-    )
+    if model_cfg.dtype != "auto":
+        dtype = getattr(torch, model_cfg.dtype)
+    else:
+        dtype = precision if method.name in ADAPTER_METHODS else torch.float32
     return load_model(model_cfg, dtype=dtype, **kwargs)
 
 
@@ -154,7 +155,7 @@ def _freeze(model: "PreTrainedModel", method: MethodConfig) -> None:
         params[name].requires_grad_(True)
 
 
-def summarize(model: "torch.nn.Module") -> ParamSummary:
+def count_parameters(model: "torch.nn.Module") -> ParameterCount:
     """Trainable and total parameters (a 4-bit weight counts its real element count)."""
     trainable = total = 0
     for param in model.parameters():
@@ -164,4 +165,4 @@ def summarize(model: "torch.nn.Module") -> ParamSummary:
         total += count
         if param.requires_grad:
             trainable += count
-    return ParamSummary(trainable, total)
+    return ParameterCount(trainable, total)

@@ -4,19 +4,24 @@ only the train stage imports this module, inside `train()`."""
 
 from __future__ import annotations
 
-import signal
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from transformers import Trainer, TrainerCallback
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from transformers import TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from qatune.compat.process import signal_handlers
+from qatune.compat.transformers import TrainerOverrides
 from qatune.train.report import perplexity
 
 
@@ -33,41 +38,16 @@ class SeededLengthGroupedSampler(LengthGroupedSampler):
         self.generator = torch.Generator().manual_seed(self.seed + epoch)
 
 
-class QatuneTrainer(Trainer):
-    _predicting = False
-
-    def prediction_step(self, *args: Any, **kwargs: Any) -> Any:
-        self._predicting = True
-        try:
-            return super().prediction_step(*args, **kwargs)
-        finally:
-            self._predicting = False
-
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int | None:
-        # An eval batch's loss is its own token mean. The Trainer would divide by the tokens of every
-        # rank's current batch, which is wrong on a rank whose last batch is a duplicate pad, dropped
-        # after gathering (an eval set that does not divide over the processes).
-        if self._predicting:
-            return None
-        return super()._get_num_items_in_batch(batch_samples, device)
-
+class QatuneTrainer(TrainerOverrides):
     def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         # A compute_loss_func that brings its own forward arguments (LabelledCrossEntropy: no logits,
         # the last hidden state) gets them on every call, training and evaluation alike.
         extra = getattr(self.compute_loss_func, "model_kwargs", None)
         return super().compute_loss(model, {**inputs, **extra} if extra else inputs, *args, **kwargs)
 
-    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
-        # A padding-free row has no attention mask and no padding. Counting tokens unlike pad_token_id
-        # would miss real end-of-turn tokens wherever the pad token is the end-of-turn token (SmolLM2).
-        if "cu_seq_lens_q" in inputs:
-            inputs = {**inputs, "attention_mask": torch.ones_like(inputs["input_ids"])}
-        super()._track_num_input_tokens(inputs)
-
-    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
+    def train_sampler(self, dataset: Any) -> torch.utils.data.Sampler | None:
         if self.args.train_sampling_strategy != "group_by_length":
-            return super()._get_train_sampler(train_dataset)
+            return None
         # Grouped by the global batch: N processes then read the order one process with batch N x B reads.
         global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
         return SeededLengthGroupedSampler(global_batch, dataset[self.args.length_column_name],
@@ -84,27 +64,16 @@ class FlowControl(TrainerCallback):
         self.evaluate = evaluate
         self.interrupted = False
 
-    @contextmanager
-    def signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    def signals(self) -> AbstractContextManager[None]:
+        """Ctrl-C and SIGTERM handled by this callback inside the block, as before after."""
+        return signal_handlers(self._handle)
 
-        def handle(signum: int, frame: Any) -> None:
-            if self.interrupted:
-                raise KeyboardInterrupt
-            self.interrupted = True
-            self.console.print("\n[yellow]Stopping after this step and saving a checkpoint "
-                               "(Ctrl-C again to abort without saving)...[/yellow]")
-
-        for sig in previous:
-            signal.signal(sig, handle)
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        self.console.print("\n[yellow]Stopping after this step and saving a checkpoint "
+                           "(Ctrl-C again to abort without saving)...[/yellow]")
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if self.interrupted:

@@ -1,4 +1,4 @@
-"""Hyper-parameter search: `tune(config) -> TuneResult`, an Optuna study of training runs.
+"""Hyper-parameter search: `tune(config, runtime) -> TuneResult`, an Optuna study of training runs.
 
 Each trial is a `train()` run in its own folder (tune.output_dir/trial-N) with the trial's learning
 rate, LoRA rank and alpha, epochs and warm-up; its value is the run's best eval loss. Every evaluation
@@ -12,6 +12,8 @@ queued again with the same parameters.
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 from qatune.config import QatuneConfig, TuneConfig
 from qatune.errors import QatuneError
+from qatune.recipe import execute
 
 if TYPE_CHECKING:
     import optuna
-    from rich.console import Console
+
+    from qatune.runtime import Runtime
 
 BEST_CONFIG_FILE = "best_config.yaml"
 SUMMARY_FILE = "tune_summary.json"
@@ -48,33 +52,51 @@ def storage_url(cfg: TuneConfig) -> str:
     return cfg.storage or f"sqlite:///{Path(cfg.output_dir) / DATABASE_FILE}"
 
 
-def tune(config: QatuneConfig, console: "Console | None" = None) -> TuneResult:
-    """Run (or resume) the study until it holds tune.trials complete or pruned trials; write the best config,
-    a summary and the optimisation history."""
+@dataclass(frozen=True)
+class TunePlan:
+    config: QatuneConfig
+    runtime: "Runtime"
+    output_dir: Path
+    storage: str
+
+
+def plan(config: QatuneConfig, runtime: "Runtime") -> TunePlan:
+    """Check the search space against the config; decide the folder and the study's storage."""
+    _check(config)
+    return TunePlan(config, runtime, Path(config.tune.output_dir), storage_url(config.tune))
+
+
+def setup(plan: TunePlan) -> "optuna.Study":
+    """Create or open the study (the folder and its database); queue again any trial a stopped search left running."""
     import optuna
     from optuna.trial import TrialState
-    from rich.console import Console
 
-    from qatune.train.run import train
-
-    console = console or Console()
-    cfg = config.tune
-    _check(config)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    cfg = plan.config.tune
+    plan.output_dir.mkdir(parents=True, exist_ok=True)
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials,
                                           n_warmup_steps=cfg.pruner_warmup_steps)
               if cfg.pruner == "median" else optuna.pruners.NopPruner())
-    study = optuna.create_study(study_name=cfg.study_name, storage=storage_url(cfg), load_if_exists=True,
+    study = optuna.create_study(study_name=cfg.study_name, storage=plan.storage, load_if_exists=True,
                                 direction="minimize", sampler=optuna.samplers.TPESampler(seed=cfg.seed),
                                 pruner=pruner)
     for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        console.print(f"trial {stale.number} was left running by a stopped search: marked failed, queued again")
+        plan.runtime.console.print(f"trial {stale.number} was left running by a stopped search: marked failed, "
+                                   "queued again")
         _requeue(study, stale)
+    return study
+
+
+def run(plan: TunePlan, study: "optuna.Study") -> TuneResult:
+    """Run the missing trials one after another, then write the best config, a summary and the history plot."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from qatune.train.run import TrainInterrupted, train
+
+    config, cfg, console, out = plan.config, plan.config.tune, plan.runtime.console, plan.output_dir
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
     remaining = max(cfg.trials - done, 0)
-    console.print(f"Study {cfg.study_name!r} in {storage_url(cfg)}: {done} trial(s) done, {remaining} to run")
+    console.print(f"Study {cfg.study_name!r} in {plan.storage}: {done} trial(s) done, {remaining} to run")
     ran = 0
     interrupted = False
     for _ in range(remaining):
@@ -90,7 +112,7 @@ def tune(config: QatuneConfig, console: "Console | None" = None) -> TuneResult:
         })
         ran += 1
         try:
-            result = train(trial_config, console, callbacks=[_pruning_callback(trial)])
+            result = train(trial_config, plan.runtime, callbacks=[_pruning_callback(trial)])
         except optuna.TrialPruned as pruned:
             study.tell(trial, state=TrialState.PRUNED)
             console.print(f"trial {trial.number} pruned: {pruned}")
@@ -101,16 +123,28 @@ def tune(config: QatuneConfig, console: "Console | None" = None) -> TuneResult:
         except BaseException:
             study.tell(trial, state=TrialState.FAIL)
             raise
-        if result.interrupted:
+        if isinstance(result, TrainInterrupted):
             _requeue(study, trial)
             interrupted = True
             break
         value = result.report.get("best_eval_loss")
         study.tell(trial, value)
         console.print(f"trial {trial.number}: best eval loss {value:.4f}")
-    summary = _summarize(study, config, out)
+    summary = _write_summary(study, config, out)
     best = out / BEST_CONFIG_FILE if summary["best"] else None
     return TuneResult(out, summary, best, ran, interrupted)
+
+
+def tune(config: QatuneConfig, runtime: "Runtime | None" = None) -> TuneResult:
+    """Run (or resume) the study until it holds tune.trials complete or pruned trials."""
+    import optuna  # noqa: F401  (importing it sets up its logger, which would reset the level set below)
+
+    from qatune.compat.process import logger_levels
+    from qatune.runtime import Runtime
+
+    decided = plan(config, runtime or Runtime.detect())
+    with logger_levels({"optuna": logging.WARNING}):  # a line per trial is ours to print
+        return execute(sys.modules[__name__], decided)
 
 
 def _check(config: QatuneConfig) -> None:
@@ -178,7 +212,7 @@ def _pruning_callback(trial: "optuna.Trial") -> Any:
     return ReportToOptuna()
 
 
-def _summarize(study: "optuna.Study", config: QatuneConfig, out: Path) -> dict[str, Any]:
+def _write_summary(study: "optuna.Study", config: QatuneConfig, out: Path) -> dict[str, Any]:
     """tune_summary.json, best_config.yaml (a complete config `qatune train` takes) and the history plot."""
     from optuna.trial import FixedTrial, TrialState
 

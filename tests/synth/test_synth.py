@@ -10,9 +10,11 @@ import re
 import pytest
 
 from qatune.config import DataConfig, SourceConfig, load_config
-from qatune.data.prepare import check
-from qatune.data.synth import augment, from_docs, parse_pairs, parse_paraphrases
+from qatune.data.sources import check
 from qatune.errors import DataError
+from qatune.synth.augment import augment
+from qatune.synth.from_docs import from_docs
+from qatune.synth.prompts import parse_pairs, parse_paraphrases
 from tests.conftest import write_jsonl
 
 GUIDE = """# Hypertension guide
@@ -181,7 +183,7 @@ def test_from_docs_with_the_default_model_end_to_end(tmp_path) -> None:
     docs.mkdir()
     (docs / "guide.md").write_text(GUIDE, encoding="utf-8")
     out = tmp_path / "pairs.jsonl"
-    config = load_config(None, [f"from_docs.output={out}", "from_docs.max_new_tokens=60", "from_docs.pairs_per_chunk=1"])
+    config = load_config(None, [f"from_docs.output={out}", "from_docs.decoding.max_new_tokens=60", "from_docs.pairs_per_chunk=1"])
     result = from_docs(config, docs)
     assert result.report["chunks"] == 2
     assert result.records or result.log.by_reason().get("unparseable")
@@ -192,3 +194,35 @@ def test_from_docs_with_the_default_model_end_to_end(tmp_path) -> None:
     # Every generated pair is kept or counted, and a chunk without one is counted as unparseable.
     assert result.report["pairs_generated"] == len(result.records) + sum(
         n for reason, n in result.log.by_reason().items() if reason != "unparseable")
+
+
+def test_plans_decide_the_output_and_the_model_gets_the_sections_decoding(tmp_path, monkeypatch) -> None:
+    """A plan writes nothing and says whether it replaces the output (only with --force); setup hands the
+    section's decoding and the Runtime to the model generator."""
+    from qatune.runtime import Runtime
+    from qatune.synth import augment as augment_recipe
+    from qatune.synth import from_docs as docs_recipe
+
+    docs = write_docs(tmp_path / "docs")
+    out = tmp_path / "out.jsonl"
+    config = load_config(None, [f"from_docs.output={out}", "from_docs.decoding.temperature=0.5"])
+    runtime = Runtime()
+    plan = docs_recipe.plan(config, runtime, docs)
+    assert plan.replaces is False and not out.exists()
+    out.write_text("kept\n", encoding="utf-8")
+    with pytest.raises(DataError, match="already exists"):
+        docs_recipe.plan(config, runtime, docs)
+    forced = config.model_copy(update={"from_docs": config.from_docs.model_copy(update={"overwrite": True})})
+    assert docs_recipe.plan(forced, runtime, docs).replaces is True
+    assert out.read_text(encoding="utf-8") == "kept\n"  # planning replaced nothing
+
+    seen = []
+    monkeypatch.setattr("qatune.synth.generator.model_generator",
+                        lambda cfg, rt, decoding, batch_size: seen.append((rt, decoding)) or fake_docs_model)
+    docs_recipe.from_docs(forced, docs, runtime)
+    assert seen == [(runtime, forced.from_docs.decoding)]
+    assert (seen[0][1].temperature, seen[0][1].top_p, seen[0][1].max_new_tokens) == (0.5, 1.0, 384)
+
+    with pytest.raises(DataError, match="nothing to augment"):
+        augment_recipe.plan(load_config(None, [f"augment.output={tmp_path / 'aug.jsonl'}"]), runtime)
+    assert not (tmp_path / "aug.jsonl").exists()

@@ -1,0 +1,152 @@
+"""The `train` and `tune` sections: optimisation, checkpoints, hyper-parameter search."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from qatune.config.base import Section
+
+
+class TrainConfig(Section):
+    """Optimisation and checkpointing."""
+
+    stage: Literal["sft", "pt"] = Field(
+        "sft",
+        description="`sft`: supervised fine-tuning on conversations (loss on the answers). `pt`: continued "
+        "pre-training on plain text (`text` records, .txt/.md files): no chat template, loss on every token, "
+        "documents joined with eos and packed into blocks of data.max_length.",
+    )
+    output_dir: str = Field("outputs/run", description="Where weights or adapter, checkpoints and reports go.")
+    overwrite_output_dir: bool = Field(
+        False, description="Start over in an output_dir that holds checkpoints of an earlier run (else: an error)."
+    )
+    resume: bool = Field(False, description="Continue from the last complete checkpoint in output_dir.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (full fine-tuning wants ~1e-5).")
+    num_epochs: float = Field(3.0, gt=0, description="Passes over the train set.")
+    max_steps: int = Field(-1, description="Stop after this many optimiser steps (-1: use num_epochs).")
+    per_device_batch_size: int = Field(
+        2, ge=1, description="Samples per device per step. 2 x 8 (effective 16) trained as fast as 4 x 4 with "
+        "padding-free rows on a 2-core CPU, at 69% of the peak memory; raise it on a GPU with memory to spare.",
+    )
+    gradient_accumulation_steps: int = Field(8, ge=1, description="Steps accumulated per optimiser update.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps used to warm the learning rate up.")
+    warmup_steps: int = Field(0, ge=0, description="Warm-up in optimiser steps; overrides warmup_ratio when above 0.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule."
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="`auto`: bf16 where the hardware has it (CUDA, or a CPU with AVX512-BF16/AMX), "
+        "fp16 on older GPUs, else fp32; never fp16 on CPU.",
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory (recompute activations).")
+    padding_free: bool = Field(
+        True,
+        description="Lay each micro-batch's samples end to end in one row with per-sample positions: no padding, "
+        "and attention stays within each sample (FlashAttention varlen on CUDA with flash-attn, else one SDPA call "
+        "per sample). Off: pad each batch to its longest sample. Prefix tuning always pads.",
+    )
+    chunked_loss: bool = Field(
+        True,
+        description="Project only the answer tokens onto the vocabulary, in chunks, computing cross-entropy and "
+        "its gradient together: the full logits are never held. Off: the model's own loss over all positions.",
+    )
+    lean_dropout: bool = Field(
+        True,
+        description="On CPUs, LoRA dropout draws 15 random bits per element and keeps boolean masks: ~5x faster "
+        "than torch's bernoulli and a quarter of the memory (p rounded to 1/32768). CUDA keeps torch's fused dropout.",
+    )
+    cpu_kernel_cache: int = Field(
+        64, ge=1,
+        description="CPU: how many compiled oneDNN/ideep kernels are kept (one per shape; padding-free rows change "
+        "shape every batch). The libraries' own 1024 let peak memory grow ~40% over a run at the same speed. "
+        "ONEDNN_PRIMITIVE_CACHE_CAPACITY / LRU_CACHE_CAPACITY in the environment win.",
+    )
+    group_by_length: bool = Field(True, description="Batch samples of similar length together: less padding.")
+    seed: int = Field(42, description="Seed for initialisation, dropout and data order.")
+    logging_steps: int | None = Field(None, ge=1, description="Log loss every N steps (default: ~50 points a run).")
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: once per epoch).")
+    eval_at_start: bool = Field(True, description="Evaluate once before training, so the report shows the gain.")
+    save_steps: int | None = Field(
+        None, ge=1, description="Checkpoint every N steps (default: with each evaluation, else once per epoch)."
+    )
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (the best one is always kept).")
+    load_best_at_end: bool = Field(
+        True, description="Write the checkpoint with the lowest eval loss as the final model (needs eval data)."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after N evaluations whose eval loss does not improve."
+    )
+    early_stopping_threshold: float = Field(0.0, ge=0, description="Smallest eval-loss gain that counts.")
+    distributed: Literal["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"] = Field(
+        "ddp",
+        description="Engine when several processes train (`--nproc N`, torchrun, accelerate launch): ddp (data "
+        "parallel, CPU or GPU), fsdp (full shard, decoder layers wrapped), DeepSpeed ZeRO-2/3, ZeRO-3 with CPU "
+        "offload (GPU only).",
+    )
+    report_to: Literal["tensorboard", "wandb", "mlflow", "none"] = Field(
+        "tensorboard", description="Logger the Trainer reports to (logs in output_dir/runs for TensorBoard)."
+    )
+    preview_questions: int = Field(
+        3, ge=0, description="Held-out questions answered by the base and the tuned model side by side at the end."
+    )
+
+    @model_validator(mode="after")
+    def _checkpoints_follow_evaluations(self) -> TrainConfig:
+        if self.save_steps and self.eval_steps and self.load_best_at_end and self.save_steps % self.eval_steps:
+            raise ValueError(
+                f"save_steps={self.save_steps} is not a multiple of eval_steps={self.eval_steps}, so the best "
+                f"checkpoint could be missing; set train.save_steps={self.eval_steps} or train.load_best_at_end=false"
+            )
+        return self
+
+
+class TuneConfig(Section):
+    """`qatune tune CONFIG --trials N`: an Optuna search minimising the best eval loss of a training run."""
+
+    trials: int = Field(20, ge=1, description="Trials the study should hold (complete or pruned); a re-run "
+                        "resumes and runs only the missing ones.")
+    output_dir: str = Field("outputs/tune", description="Study database, one run folder per trial, best_config.yaml, "
+                            "tune_summary.json and optimization_history.png.")
+    storage: str | None = Field(None, description="Optuna storage URL; default `sqlite:///<output_dir>/study.db`.")
+    study_name: str = Field("qatune", description="Study name inside the storage.")
+    seed: int = Field(42, description="Seed of the TPE sampler.")
+    pruner: Literal["median", "none"] = Field(
+        "median", description="`median` stops a trial whose eval loss is worse than the median of earlier trials "
+        "at the same step.",
+    )
+    pruner_startup_trials: int = Field(2, ge=0, description="Trials that finish before any is pruned.")
+    pruner_warmup_steps: int = Field(0, ge=0, description="Optimiser steps of a trial before it can be pruned.")
+    learning_rate: list[float] | None = Field(
+        default_factory=lambda: [1e-5, 1e-3], description="[low, high] of train.learning_rate (log scale); null "
+        "keeps the config's value.",
+    )
+    lora_rank: list[int] | None = Field(
+        default_factory=lambda: [8, 16, 32], description="Choices of method.lora_rank (lora/qlora only).",
+    )
+    lora_alpha: list[float] | None = Field(
+        default_factory=lambda: [16, 32, 64], description="Choices of method.lora_alpha (lora/qlora only).",
+    )
+    num_epochs: list[int] | None = Field(
+        default_factory=lambda: [1, 3], description="[low, high] of train.num_epochs (whole epochs).",
+    )
+    warmup_ratio: list[float] | None = Field(
+        default_factory=lambda: [0.0, 0.1], description="[low, high] of train.warmup_ratio.",
+    )
+
+    @field_validator("learning_rate", "num_epochs", "warmup_ratio")
+    @classmethod
+    def _check_range(cls, v: list | None) -> list | None:
+        if v is not None and (len(v) != 2 or v[0] > v[1]):
+            raise ValueError(f"expected [low, high] with low <= high, got {v}")
+        return v
+
+    @field_validator("lora_rank", "lora_alpha")
+    @classmethod
+    def _check_choices(cls, v: list | None) -> list | None:
+        if v is not None and not v:
+            raise ValueError("expected at least one choice (or null to keep the config's value)")
+        return v

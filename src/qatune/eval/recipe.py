@@ -1,0 +1,232 @@
+"""The evaluation recipe: answer every set with each model, score, compare, write the reports.
+
+- `plan(config, runtime, specs, sets=None)`: reads the sets (small text files; a set with no
+  usable item is refused here, before any weight), decides device, dtype, the output folder and
+  which files of an earlier evaluation there it would overwrite. Writes nothing.
+- `setup(plan)`: the chat template every model answers with: the tuned model's (the last spec's),
+  so a difference between base and tuned comes from the weights, not the prompt.
+- `run(plan, components)`: loads each model in turn, has it answer and score every set, frees it
+  before the next (one model in memory at a time), then writes predictions, review sheet and reports.
+
+One model (`qatune eval --model M [--adapter A]`) or a base and a tuned model (`qatune eval
+--compare BASE TUNED`, and evaluation after training); with exactly `base` and `tuned` the report
+adds deltas, the forgetting check and answers side by side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qatune import __version__
+from qatune.config import EvalConfig, QatuneConfig
+from qatune.eval import compare, metrics
+from qatune.eval.report import REPORT_JSON, write_all, written_files
+from qatune.eval.sets import EvalError, EvalSet, load_eval_set
+from qatune.runtime import Runtime
+
+if TYPE_CHECKING:
+    import torch
+
+    from qatune.config import ModelConfig
+    from qatune.data.templates import ChatTemplate
+
+COMPARED = ("base", "tuned")  # the labels of a comparison
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to evaluate: a base model (default, HF folder, .gguf, hub id) and an optional adapter."""
+
+    label: str
+    model: str
+    adapter: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.model} + {self.adapter}" if self.adapter else self.model
+
+
+def tuned_spec(tuned: str, base: str) -> ModelSpec:
+    """The tuned side of a comparison: an adapter folder goes on `base`; anything else is a whole model."""
+    from qatune.models import read_adapter
+
+    return ModelSpec("tuned", base, str(Path(tuned))) if read_adapter(tuned) is not None else ModelSpec("tuned", tuned)
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    config: QatuneConfig
+    runtime: Runtime
+    specs: tuple[ModelSpec, ...]  # answered in this order; the last one's template is everyone's
+    sets: tuple[EvalSet, ...]
+    dtype: "torch.dtype"  # every model's, from runtime.dtype(model)
+    output_dir: Path
+    overwrites: tuple[str, ...]  # files of an earlier evaluation in output_dir that this one replaces
+
+    @property
+    def compares(self) -> bool:
+        """A base against a tuned model: the report adds deltas, forgetting and side by side."""
+        return tuple(s.label for s in self.specs) == COMPARED
+
+
+@dataclass(frozen=True)
+class EvalComponents:
+    template: "ChatTemplate"  # the tuned model's training template
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    output_dir: Path
+    report: dict[str, Any]
+    predictions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # by model label
+
+    def headline(self) -> dict[str, Any]:
+        """The report's path, the deltas and the forgetting warnings: what a training report keeps of it."""
+        return {"report": str(self.output_dir / REPORT_JSON), "deltas": self.report.get("deltas", {}),
+                "forgetting_warnings": self.report.get("forgetting", {}).get("warnings", [])}
+
+
+def load_sets(cfg: EvalConfig, encoding: str = "utf-8") -> list[EvalSet]:
+    """The domain (eval.data) and general (eval.general) sets, each name unique."""
+    sets = [load_eval_set(s, "domain", cfg.max_samples, encoding) for s in cfg.data]
+    sets += [load_eval_set(s, "general", cfg.max_samples, encoding) for s in cfg.general]
+    names = [s.name for s in sets]
+    for s in sets:  # two files both called test.jsonl must not share a row in the report
+        if names.count(s.name) > 1:
+            s.name = f"{s.role}/{s.name}"
+    return sets
+
+
+def plan(config: QatuneConfig, runtime: Runtime, specs: list[ModelSpec],
+         sets: list[EvalSet] | None = None) -> EvalPlan:
+    """Check and decide: the sets (`sets`, else the config's, read now), dtype, output folder."""
+    cfg = config.eval
+    sets = sets if sets is not None else load_sets(cfg, config.data.encoding)
+    if not sets:
+        raise EvalError("nothing to evaluate: no evaluation set given",
+                        hint="pass --data FILE (Q&A or multiple choice) and optionally --general FILE")
+    if not specs:
+        raise EvalError("nothing to evaluate: no model given", hint="pass --model M, or --compare BASE TUNED")
+    out = Path(cfg.output_dir)
+    overwrites = tuple(name for name in written_files([s.label for s in specs]) if (out / name).exists())
+    return EvalPlan(config, runtime, tuple(specs), tuple(sets), runtime.dtype(config.model), out, overwrites)
+
+
+def setup(plan: EvalPlan) -> EvalComponents:
+    """The template every model answers with: the one the tuned model (the last spec) was trained on."""
+    from qatune.infer.load import trained_template
+
+    spec = plan.specs[-1]
+    return EvalComponents(trained_template(_model_config(plan, spec), spec.adapter, plan.config.data.template))
+
+
+def _model_config(plan: EvalPlan, spec: ModelSpec) -> "ModelConfig":
+    return plan.config.model.model_copy(update={"name_or_path": spec.model})
+
+
+def run(plan: EvalPlan, components: EvalComponents) -> EvalResult:
+    """Each model on each set, one model in memory at a time; then the reports in output_dir."""
+    from qatune.infer.load import load_for_inference
+
+    console, cfg = plan.runtime.console, plan.config.eval
+    for s in plan.sets:
+        skipped = ", ".join(f"{n} {r}" for r, n in s.skipped.by_reason().items())
+        console.print(f"Set {s.name} ({s.role}): {len(s.qa)} Q&A, {len(s.choice)} multiple choice"
+                      + (f"; skipped {skipped}" if skipped else ""))
+    dtype, device = str(plan.dtype).removeprefix("torch."), plan.runtime.device
+    scores: dict[str, dict[str, dict[str, Any]]] = {}
+    predictions: dict[str, list[dict[str, Any]]] = {}
+    for spec in plan.specs:
+        started = time.perf_counter()
+        loaded = load_for_inference(_model_config(plan, spec), plan.runtime, spec.adapter,
+                                    template_source=components.template.source)
+        console.print(f"Evaluating {spec.label}: {spec.describe()} ({dtype} on {device})")
+        predictions[spec.label] = []
+        for s in plan.sets:
+            summary, rows = evaluate_set(loaded.model, loaded.tokenizer, loaded.template, s, cfg,
+                                         plan.config.data.max_length)
+            scores.setdefault(s.name, {})[spec.label] = summary
+            predictions[spec.label] += rows
+        console.print(f"  done in {time.perf_counter() - started:.0f} s")
+        del loaded  # the next model loads into the memory this one held
+        gc.collect()
+
+    if plan.overwrites:
+        console.print(f"Replacing {', '.join(plan.overwrites)} of an earlier evaluation in {plan.output_dir}/")
+    plan.output_dir.mkdir(parents=True, exist_ok=True)
+    report = _report(plan, scores, predictions)
+    write_all(report, predictions, plan.output_dir)  # adds report["files"]
+    return EvalResult(plan.output_dir, report, predictions)
+
+
+def _report(plan: EvalPlan, scores: dict[str, dict[str, dict[str, Any]]],
+            predictions: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    cfg = plan.config.eval
+    report = {
+        "qatune_version": __version__, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "models": [{"label": s.label, "model": s.model, "adapter": s.adapter} for s in plan.specs],
+        "device": plan.runtime.device, "dtype": str(plan.dtype).removeprefix("torch."),
+        "decoding": {**{k: getattr(cfg.decoding, k) for k in ("max_new_tokens", "temperature", "top_p",
+                                                              "repetition_penalty")}, "batch_size": cfg.batch_size},
+        "methods": {**metrics.METHODS, "bleu_signatures": metrics.bleu_signatures()},
+        "sets": [{"name": s.name, "role": s.role, "qa_items": len(s.qa), "choice_items": len(s.choice),
+                  "skipped": s.skipped.by_reason(),
+                  "skipped_items": [dataclasses.asdict(d) for d in s.skipped.drops]} for s in plan.sets],
+        "scores": scores,
+    }
+    if plan.compares:
+        report["deltas"] = {name: compare.deltas(by_model["base"], by_model["tuned"])
+                            for name, by_model in scores.items()}
+        report["forgetting"] = compare.forgetting_check(list(plan.sets), predictions, scores,
+                                                        cfg.forgetting_threshold)
+        report["side_by_side"] = compare.side_by_side(predictions, cfg.side_by_side)
+    return report
+
+
+def evaluate_set(model: Any, tokenizer: Any, template: Any, eval_set: EvalSet, cfg: EvalConfig,
+                 max_length: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One model on one set: the set's summary scores and one row per item."""
+    from qatune.eval.scoring import (
+        choice_predictions,
+        corpus_perplexity,
+        reference_losses,
+    )
+    from qatune.infer.generation import generate
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else template.end_of_turn_id
+    summary: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    if eval_set.qa:
+        started = time.perf_counter()
+        answers = generate(model, tokenizer, template.source, [item.prompt for item in eval_set.qa],
+                           cfg.decoding, template.end_of_turn_id, cfg.batch_size)
+        seconds = time.perf_counter() - started
+        losses = reference_losses(model, tokenizer, template, eval_set.qa, max_length, pad_id, cfg.batch_size)
+        for item, answer, loss in zip(eval_set.qa, answers, losses):
+            rows.append({"set": eval_set.name, "id": item.id, "question": item.question, "reference": item.reference,
+                         "prediction": answer.text, "scores": metrics.score_answer(answer.text, item.reference),
+                         "reference_loss": loss[0] if loss else None, "new_tokens": answer.new_tokens,
+                         "latency_s": answer.seconds})
+        latencies = [r["latency_s"] for r in rows]
+        summary.update({name: metrics.mean([r["scores"][name] for r in rows]) for name in metrics.TEXT_METRICS})
+        summary.update({
+            "perplexity": corpus_perplexity(losses), "answers": len(rows),
+            "empty_answers": sum(1 for r in rows if not r["prediction"].strip()),
+            "latency_p50_s": metrics.percentile(latencies, 50), "latency_p95_s": metrics.percentile(latencies, 95),
+            "tokens_per_s": sum(r["new_tokens"] for r in rows) / seconds if seconds else 0.0,
+        })
+    if eval_set.choice:
+        picks = choice_predictions(model, tokenizer, template, eval_set.choice, pad_id, cfg.batch_size)
+        for item, pick in zip(eval_set.choice, picks):
+            rows.append({"set": eval_set.name, "id": item.id, "question": item.question, "choices": item.choices,
+                         "answer": item.answer, "pick": pick["pick_norm"], "correct": pick["pick_norm"] == item.answer,
+                         "correct_raw": pick["pick"] == item.answer, "logprobs": pick["logprobs"]})
+        judged = [r for r in rows if "correct" in r]
+        summary.update({"accuracy": 100 * metrics.mean([r["correct"] for r in judged]),
+                        "accuracy_raw": 100 * metrics.mean([r["correct_raw"] for r in judged]),
+                        "choice_items": len(judged)})
+    return summary, rows

@@ -1,0 +1,292 @@
+"""The export recipe: merge an adapter into its base and write what runtimes load.
+
+- `plan(config, runtime)`: every refusal before a weight is read (the output folder, what
+  --quantize needs, an adapter that is not LoRA, a model that is nowhere) and every decision: the
+  staging folder, whether the folder there now is deleted, the saved dtype. Reads only.
+- `setup(plan)`: the tokenizer (the adapter's own, with its training template) and the base in
+  fp32 on the CPU with the adapter on it, not yet merged.
+- `run(plan, components)`: merges, writes everything into the staging folder, checks each written
+  form against the model it came from, then moves the staging folder into place (deleting the old
+  output where the plan says so) and writes the report.
+
+Everything is written into a staging folder beside `export.output_dir` and moved into place only
+when complete, so a failure leaves nothing half-done. The base is always loaded unquantized for
+the merge: a QLoRA adapter is merged into the full-precision base (merging into 4-bit weights
+would round the adapter away), and a quantized copy is made afterwards from the merged weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qatune.config import DecodingConfig, QatuneConfig
+from qatune.errors import QatuneError
+from qatune.models import ADAPTER_FILE, AdapterInfo, ModelLocation
+from qatune.runtime import Runtime
+
+if TYPE_CHECKING:
+    import torch
+
+    from qatune.data.templates import ChatTemplate
+
+REPORT_FILE = "export_report.json"
+MODELFILE = "Modelfile"
+QUANTIZED_DIRS = {"int8": "int8", "bnb-8bit": "bnb-8bit", "bnb-4bit": "bnb-4bit"}
+
+
+class ExportError(QatuneError):
+    """An export that cannot be done as asked."""
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    config: QatuneConfig
+    runtime: Runtime
+    output_dir: Path
+    staging: Path  # written first, renamed to output_dir when complete
+    deletes_existing: bool  # something is at output_dir now: deleted once the new export is complete
+    adapter: AdapterInfo | None  # merged into the model; None exports the model as it is
+    model: ModelLocation  # where the base's weights are
+    save_dtype: "torch.dtype | None"  # None (export.dtype auto): the base model's own, known once it is loaded
+
+
+@dataclass(frozen=True)
+class ExportComponents:
+    model: Any  # fp32 on the CPU; with the adapter on it (not merged) when the plan has one
+    tokenizer: Any
+    template: "ChatTemplate"
+    save_dtype: "torch.dtype"
+    started: float  # perf_counter when setup began: the report's wall time counts the loading too
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    output_dir: Path
+    report: dict[str, Any]
+
+
+def plan(config: QatuneConfig, runtime: Runtime) -> ExportPlan:
+    """Everything that can be refused before a weight is read, and where the export will go."""
+    from qatune.models import locate_model, read_adapter
+
+    cfg = config.export
+    out = Path(cfg.output_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
+        raise ExportError(f"the output folder {out} is not empty", hint="choose another --out, or pass --force")
+    if cfg.quantize in ("bnb-8bit", "bnb-4bit"):
+        if runtime.device != "cuda":
+            raise ExportError(f"--quantize {cfg.quantize} needs a CUDA GPU (bitsandbytes); this machine has none",
+                              hint="use --quantize int8 on CPU, or run the export on a GPU machine")
+        _require("bitsandbytes", f"--quantize {cfg.quantize}")
+    if cfg.quantize == "int8":
+        _require("torchao", "--quantize int8")
+    adapter = None
+    if cfg.adapter:
+        adapter = read_adapter(cfg.adapter)
+        if adapter is None:
+            raise ExportError(f"{cfg.adapter} is not an adapter folder (no {ADAPTER_FILE})",
+                              hint="give the output folder of a lora or qlora training run; a full or freeze run "
+                                   "is a whole model: pass it as --model")
+        if not adapter.is_lora:
+            raise ExportError(f"a {adapter.kind} adapter cannot be merged into the weights (only LoRA can)",
+                              hint="serve it as base + adapter, or train with method.name=lora")
+    return ExportPlan(config, runtime, out, staging=out.parent / f".{out.name}.partial-{os.getpid()}",
+                      deletes_existing=out.exists(), adapter=adapter, model=locate_model(config.model),
+                      save_dtype=None if cfg.dtype == "auto" else _torch_dtype(cfg.dtype))
+
+
+def _require(module: str, what: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ExportError(f"{what} needs the {module} package, which is not installed",
+                          hint="pip install 'qatune[int8]'" if module == "torchao" else f"pip install {module}")
+
+
+def _torch_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    return getattr(torch, name)
+
+
+def setup(plan: ExportPlan) -> ExportComponents:
+    """The tokenizer with the training template, and the fp32 base with the adapter on it."""
+    import torch
+
+    from qatune.compat.transformers import progress_bars_off
+    from qatune.data.templates import resolve_template
+    from qatune.models import attach_adapter, load_model, load_tokenizer
+
+    started = time.perf_counter()
+    config = plan.config
+    adapter = str(plan.adapter.path) if plan.adapter else None
+    tokenizer = load_tokenizer(config.model, adapter)  # an adapter's own, with the template it was trained on
+    template = resolve_template(tokenizer, config.data.template)
+    tokenizer.chat_template = template.source
+    # Merge in fp32 on the CPU: exact, and independent of how the adapter was trained (qlora included).
+    with progress_bars_off():
+        model = load_model(config.model, dtype=torch.float32)
+    save_dtype = plan.save_dtype if plan.save_dtype is not None else _own_dtype(model)
+    if adapter:
+        model = attach_adapter(model, adapter, config.model.name_or_path)
+    return ExportComponents(model, tokenizer, template, save_dtype, started)
+
+
+def _own_dtype(model: Any) -> "torch.dtype":
+    """export.dtype auto: the dtype the loaded model's config names (float32 where it names none)."""
+    import torch
+
+    own = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    return own if isinstance(own, torch.dtype) else getattr(torch, str(own or "float32"))
+
+
+def run(plan: ExportPlan, parts: ExportComponents) -> ExportResult:
+    """Write the export into the staging folder, then put it in place of `output_dir`."""
+    from qatune.compat.transformers import progress_bars_off
+
+    out, staging = plan.output_dir, plan.staging
+    shutil.rmtree(staging, ignore_errors=True)  # left by an earlier process that had this pid
+    staging.mkdir(parents=True)
+    try:
+        with progress_bars_off():
+            report = _write_export(plan, parts, staging)
+        if plan.deletes_existing:
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    report["wall_time_s"] = time.perf_counter() - parts.started
+    report["files"] = _files(out)
+    (out / REPORT_FILE).write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+    return ExportResult(out, report)
+
+
+def _write_export(plan: ExportPlan, parts: ExportComponents, folder: Path) -> dict[str, Any]:
+    """Merge, write every form into `folder`, and check each against the model it was made from."""
+    from qatune import __version__
+    from qatune.infer.generation import save_generation_config
+
+    cfg, console = plan.config.export, plan.runtime.console
+    model, tokenizer, template = parts.model, parts.tokenizer, parts.template
+    questions = [[{"role": "user", "content": q}] for q in cfg.check_questions]
+    checks: dict[str, Any] = {}
+    reference = _answers(model, tokenizer, template, questions, cfg.check_max_new_tokens)
+    merged_answers = reference
+    if plan.adapter:
+        model = model.merge_and_unload()
+        console.print(f"Merged {cfg.adapter} into {plan.config.model.name_or_path}")
+        merged_answers = _answers(model, tokenizer, template, questions, cfg.check_max_new_tokens)
+        checks["merged"] = _compare(cfg.check_questions, reference, merged_answers)
+
+    model.to(parts.save_dtype).save_pretrained(folder, max_shard_size=cfg.max_shard_size, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    save_generation_config(model, tokenizer, template.end_of_turn_id, folder)
+    console.print(f"Wrote the merged model ({str(parts.save_dtype).removeprefix('torch.')})")
+    if not plan.adapter:  # nothing was merged: check the folder just written against the model as loaded
+        checks["saved"] = _compare(cfg.check_questions, reference,
+                                   _answers(_read_back(folder), tokenizer, template, questions,
+                                            cfg.check_max_new_tokens))
+
+    if cfg.gguf:
+        from qatune.export.gguf import modelfile, source_pre_tokenizer, write_gguf
+
+        loc = plan.model
+        pre = source_pre_tokenizer(Path(loc.path) / loc.gguf_file) if loc.gguf_file else None
+        name = f"model-{cfg.gguf}.gguf"
+        write_gguf(model.float(), tokenizer, folder, folder / name, cfg.gguf, plan.output_dir.name, pre or "default")
+        (folder / MODELFILE).write_text(modelfile(name, template.end_of_turn, plan.config.serve.decoding),
+                                        encoding="utf-8")
+        checks["gguf"] = _compare(cfg.check_questions, merged_answers,
+                                  _answers(_read_back(folder, gguf_file=name), tokenizer, template, questions,
+                                           cfg.check_max_new_tokens))
+        checks["gguf"]["pre_tokenizer"] = pre or "default"
+        console.print(f"Wrote {name} and an Ollama {MODELFILE}")
+    if cfg.quantize:
+        checks[cfg.quantize] = _quantize(folder, cfg.quantize, tokenizer, template, questions, cfg, merged_answers)
+        console.print(f"Wrote the {cfg.quantize} copy to {QUANTIZED_DIRS[cfg.quantize]}/")
+
+    return {"qatune_version": __version__, "model": plan.config.model.name_or_path,
+            "adapter": cfg.adapter, "dtype": str(parts.save_dtype).removeprefix("torch."),
+            "gguf": cfg.gguf, "quantize": cfg.quantize, "template": template.name,
+            "end_of_turn": template.end_of_turn, "checks": checks,
+            "smoke_answer": {"question": cfg.check_questions[0], "answer": merged_answers[0]} if questions else None}
+
+
+def _answers(model: Any, tokenizer: Any, template: Any, questions: list, max_new_tokens: int) -> list[str]:
+    from qatune.infer.generation import generate
+
+    return [a.text for a in generate(model, tokenizer, template.source, questions,
+                                     DecodingConfig(max_new_tokens=max_new_tokens), template.end_of_turn_id)]
+
+
+def _compare(questions: list[str], expected: list[str], got: list[str]) -> dict[str, Any]:
+    same = [e == g for e, g in zip(expected, got)]
+    return {"identical": sum(same), "questions": len(same),
+            "answers": [{"question": q, "expected": e, "got": g} for q, e, g in zip(questions, expected, got)]}
+
+
+def _read_back(folder: Path, gguf_file: str | None = None) -> Any:
+    """The written model as transformers loads it, in fp32 (a GGUF file dequantized): the round-trip check."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    # transformers' GGUF loader draws its own progress bar
+    with contextlib.redirect_stderr(io.StringIO()) if gguf_file else contextlib.nullcontext():
+        return AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
+
+
+def _quantize(folder: Path, kind: str, tokenizer: Any, template: Any, questions: list, cfg: Any,
+              merged_answers: list[str]) -> dict[str, Any]:
+    """A quantized copy of the merged folder in a subfolder that `from_pretrained` loads as it is."""
+    import logging
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    target = folder / QUANTIZED_DIRS[kind]
+    if kind == "int8":
+        from transformers import TorchAoConfig
+
+        from qatune.compat.process import logger_levels
+
+        with logger_levels({"torchao": logging.ERROR}):  # its CUDA-kernel probes are noise on a CPU
+            from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+            quantization = TorchAoConfig(Int8DynamicActivationInt8WeightConfig())
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
+                                                         quantization_config=quantization)
+            model.save_pretrained(target, safe_serialization=False)
+    else:
+        from transformers import BitsAndBytesConfig
+
+        quantization = (BitsAndBytesConfig(load_in_8bit=True) if kind == "bnb-8bit" else
+                        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                           bnb_4bit_compute_dtype=torch.bfloat16))
+        model = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=quantization, device_map="auto")
+        model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    model.generation_config.save_pretrained(str(target))
+    result = _compare(cfg.check_questions, merged_answers,
+                      _answers(model, tokenizer, template, questions, cfg.check_max_new_tokens))
+    result["size_mib"] = _size(target) / 2**20
+    result["merged_size_mib"] = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20
+    return result
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _files(folder: Path) -> dict[str, float]:
+    """Each file (and quantized subfolder) with its size in MiB."""
+    return {p.name: round(_size(p) / 2**20 if p.is_dir() else p.stat().st_size / 2**20, 3)
+            for p in sorted(folder.iterdir())}

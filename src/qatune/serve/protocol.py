@@ -1,0 +1,108 @@
+"""What the HTTP layer asks of an engine, and the values that cross between them.
+
+Every engine (`hf_engine.LocalEngine`, `vllm_engine.VLLMEngine`) imports these and nothing of the
+others, so engines never import each other; `serve.recipe` is the one place that picks an engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from qatune.errors import QatuneError
+
+if TYPE_CHECKING:
+    from qatune.data.templates import ChatTemplate
+
+__all__ = ["Engine", "Generation", "QueueFull", "Sampling", "ServeError", "ServedModel", "Update", "chat_prompt"]
+
+
+class ServeError(QatuneError):
+    """The service cannot start as configured."""
+
+
+class QueueFull(Exception):
+    """More requests are waiting or running than the engine accepts."""
+
+
+@dataclass
+class Sampling:
+    """One request's decoding, checked by the app (defaults from serve.decoding)."""
+
+    max_new_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Update:
+    """What a request learns after a step: new text, and at the end why it finished."""
+
+    text: str = ""
+    finish_reason: str | None = None  # stop | length | cancelled | error
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A model name clients can ask for: the base (adapter None) or one LoRA adapter on it."""
+
+    name: str
+    adapter: str | None
+    template: "ChatTemplate"
+    stop_ids: tuple[int, ...]
+
+
+class Generation:
+    """One running generation, read from the event loop: `await next_update()` until a finish reason."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, cancel: Any) -> None:
+        self._loop = loop
+        self._updates: asyncio.Queue[Update] = asyncio.Queue()
+        self._cancel = cancel
+
+    def deliver(self, update: Update) -> None:
+        """Called from any thread."""
+        try:
+            self._loop.call_soon_threadsafe(self._updates.put_nowait, update)
+        except RuntimeError:  # the event loop is gone: nobody is listening any more
+            pass
+
+    async def next_update(self) -> Update:
+        return await self._updates.get()
+
+    def cancel(self) -> None:
+        """Stop generating (client gone, timeout); harmless once finished."""
+        self._cancel()
+
+
+class Engine(Protocol):
+    kind: str
+    models: dict[str, ServedModel]
+    default_model: str
+    tokenizer: Any
+    max_positions: int | None
+
+    @property
+    def queue_depth(self) -> int: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def generate(self, prompt_ids: list[int], sampling: Sampling, model: str) -> Generation:
+        """Start a generation (raises QueueFull when the queue is full)."""
+        ...
+
+
+def chat_prompt(engine: Engine, model: str, messages: list[dict[str, str]]) -> list[int]:
+    """Prompt tokens for a chat: the messages in the model's training template, plus the assistant header."""
+    from qatune.infer.generation import prompt_ids
+
+    return prompt_ids(engine.tokenizer, engine.models[model].template.source, messages)

@@ -1,0 +1,157 @@
+"""Each touch of a library's private API or global state (src/qatune/compat/) against the library
+installed: a test here fails by name when an upgrade renames or reshapes what qatune relies on, and
+each context manager leaves the state as it found it."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import random
+import signal
+
+import pytest
+import torch
+
+
+def parameters(function) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+def test_torch_cpu_feature_probes_exist() -> None:
+    from qatune.compat.torch import cpu_has_native_bf16
+
+    assert callable(torch.cpu._is_avx512_bf16_supported) and callable(torch.cpu._is_amx_tile_supported)
+    assert isinstance(cpu_has_native_bf16(), bool)
+
+
+def test_seeded_repeats_and_leaves_the_callers_random_state() -> None:
+    from qatune.compat.torch import seeded
+
+    random.seed(1)
+    torch.manual_seed(1)
+    expected = (random.random(), torch.rand(1).item())
+    random.seed(1)
+    torch.manual_seed(1)
+    with seeded(42):
+        first = torch.rand(3)
+    with seeded(42):
+        assert torch.equal(torch.rand(3), first)
+    assert (random.random(), torch.rand(1).item()) == expected
+
+
+def test_the_trainer_private_methods_qatune_overrides_keep_their_signatures() -> None:
+    from transformers import Trainer
+
+    from qatune.compat.transformers import TrainerOverrides
+
+    assert parameters(Trainer._get_num_items_in_batch) == ["self", "batch_samples", "device"]
+    assert parameters(Trainer._track_num_input_tokens) == ["self", "inputs"]
+    assert parameters(Trainer._get_train_sampler) == ["self", "train_dataset"]
+    assert "_initial_num_input_tokens_seen" in inspect.getsource(Trainer)  # tokens_seen_this_run reads it
+    for name in ("_get_num_items_in_batch", "_track_num_input_tokens", "_get_train_sampler"):
+        assert parameters(getattr(TrainerOverrides, name)) == parameters(getattr(Trainer, name)), name
+
+
+def test_registered_attention_is_removed_again() -> None:
+    from transformers import AttentionInterface
+
+    from qatune.compat.transformers import registered_attention
+
+    assert isinstance(AttentionInterface._global_mapping, dict)
+    with registered_attention("qatune_probe", lambda *a, **k: None):
+        assert "qatune_probe" in AttentionInterface._global_mapping
+        assert "qatune_probe" in AttentionInterface()
+    assert "qatune_probe" not in AttentionInterface._global_mapping
+
+
+def test_attention_implementation_is_put_back(tiny_model_dir) -> None:
+    from qatune.compat.transformers import attention_implementation
+    from qatune.config import ModelConfig
+    from qatune.models import load_model
+
+    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir)), dtype=torch.float32)
+    before = model.config._attn_implementation
+    with attention_implementation(model, "eager"):
+        assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == before
+
+
+def test_progress_bars_are_restored() -> None:
+    from transformers.utils import logging
+
+    from qatune.compat.transformers import progress_bars_off
+
+    logging.enable_progress_bar()
+    with progress_bars_off():
+        assert not logging.is_progress_bar_enabled()
+    assert logging.is_progress_bar_enabled()
+
+
+def test_peft_lora_layers_keep_their_dropout_dict_and_input_cast_switch(tiny_model_dir) -> None:
+    from peft import LoraConfig, get_peft_model
+    from peft.helpers import disable_input_dtype_casting
+
+    from qatune.compat.peft import input_casts_off, lora_dropout_replaced
+    from qatune.config import ModelConfig
+    from qatune.models import load_model
+
+    assert parameters(disable_input_dtype_casting) == ["model", "active"]
+    model = get_peft_model(load_model(ModelConfig(name_or_path=str(tiny_model_dir)), dtype=torch.float32),
+                           LoraConfig(r=2, lora_dropout=0.1, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    layers = [m for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)]
+    assert layers and all(type(m.lora_dropout["default"]) is torch.nn.Dropout for m in layers)
+    with lora_dropout_replaced(model, lambda dropout: torch.nn.Identity()) as replaced:
+        assert replaced == len(layers) and all(type(m.lora_dropout["default"]) is torch.nn.Identity for m in layers)
+    assert all(type(m.lora_dropout["default"]) is torch.nn.Dropout for m in layers)
+    with input_casts_off(model):
+        pass
+
+
+def test_environment_defaults_keep_the_users_setting_and_clean_up(monkeypatch) -> None:
+    from qatune.compat.process import environment_defaults
+
+    monkeypatch.setenv("QATUNE_PROBE_SET", "mine")
+    monkeypatch.delenv("QATUNE_PROBE_NEW", raising=False)
+    with environment_defaults({"QATUNE_PROBE_SET": "64", "QATUNE_PROBE_NEW": "64"}):
+        assert os.environ["QATUNE_PROBE_SET"] == "mine" and os.environ["QATUNE_PROBE_NEW"] == "64"
+    assert os.environ["QATUNE_PROBE_SET"] == "mine" and "QATUNE_PROBE_NEW" not in os.environ
+
+
+def test_signal_handlers_are_put_back() -> None:
+    from qatune.compat.process import signal_handlers
+
+    before = signal.getsignal(signal.SIGTERM)
+    caught: list[int] = []
+    with signal_handlers(lambda signum, frame: caught.append(signum)):
+        signal.raise_signal(signal.SIGTERM)
+    assert caught == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_logger_levels_are_put_back() -> None:
+    import logging
+
+    from qatune.compat.process import logger_levels
+
+    logger = logging.getLogger("qatune.probe")
+    logger.setLevel(logging.DEBUG)
+    with logger_levels({"qatune.probe": logging.ERROR}):
+        assert logger.level == logging.ERROR
+    assert logger.level == logging.DEBUG
+
+
+def test_datasets_progress_bars_are_restored() -> None:
+    import datasets
+
+    from qatune.compat.datasets import progress_bars_off
+
+    datasets.enable_progress_bars()
+    with progress_bars_off():
+        assert not datasets.is_progress_bar_enabled()
+    assert datasets.is_progress_bar_enabled()
+
+
+@pytest.mark.parametrize("module", ["torch", "transformers", "peft", "datasets", "process"])
+def test_every_compat_module_is_documented(module) -> None:
+    import importlib
+
+    assert importlib.import_module(f"qatune.compat.{module}").__doc__
