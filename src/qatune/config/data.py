@@ -115,8 +115,19 @@ class DataConfig(Section):
         "raise", description="On a bad record: `raise` stops with its location; `skip` drops and counts it."
     )
     encoding: str = Field("utf-8", description="Text encoding of the files, e.g. `gb18030` for old Chinese CSVs.")
+    max_record_bytes: int = Field(
+        16 << 20,
+        ge=1024,
+        description="Largest record read, in bytes as stored (a JSON/JSONL record, a CSV or Parquet row; 16 MiB by "
+        "default): a larger one is an error naming its file and record, or with `on_error: skip` a counted drop. "
+        "It is read past without being held, so one huge record cannot exhaust memory.",
+    )
     clean: CleanConfig = Field(default_factory=CleanConfig, description="Normalisation and filters.")
-    output_dir: str = Field("outputs/data", description="Where `qatune data prepare` writes the dataset and report.")
+    output_dir: str = Field(
+        "outputs/data", description="Where `qatune data prepare` writes the dataset and report. A dataset prepared "
+        "from the same inputs is reused; a different one is replaced only in a folder qatune prepared, never in a "
+        "folder with other files.",
+    )
 
     @field_validator("mix_ratio")
     @classmethod

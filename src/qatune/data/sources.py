@@ -73,7 +73,7 @@ def read_source(source: SourceConfig, data: DataConfig, log: DropLog, stats: Sou
     for path in data_files(source.path, plain_text=source.format == "text"):
         stats.files.append(str(path))
         fmt = None
-        for taken, raw in enumerate(read_records(path, data.encoding)):
+        for taken, raw in enumerate(read_records(path, data.encoding, data.max_record_bytes)):
             if source.max_records is not None and taken >= source.max_records:
                 break
             stats.read += 1
