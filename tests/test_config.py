@@ -91,3 +91,42 @@ def test_config_reference_is_generated_and_current() -> None:
     assert (REPO / "docs" / "config.md").read_text(encoding="utf-8") == reference, (
         "docs/config.md is stale: run `make docs`"
     )
+
+
+def test_secrets_never_reach_the_yaml_or_a_file_dump(tmp_path: Path) -> None:
+    """serve.api_key (and any field marked secret) is withheld from to_yaml() and file_dump(), named in a
+    comment; a URL password is masked; the config in memory keeps both; the YAML loads back."""
+    key, password = "sk-config-9d2b7e", "hunter2pw"
+    cfg = load_config(None, [f"serve.api_key={key}", f"tune.storage=postgresql://bob:{password}@db:5432/optuna"])
+    text = cfg.to_yaml()
+    assert key not in text and password not in text and str(cfg.file_dump()).count(key) == 0
+    assert text.splitlines()[0].startswith("# Secrets withheld") and "serve.api_key" in text.splitlines()[0]
+    assert "api_key" not in cfg.file_dump()["serve"] and cfg.withheld_secrets() == ["serve.api_key"]
+    assert cfg.file_dump()["tune"]["storage"] == "postgresql://bob:***@db:5432/optuna"
+    assert cfg.serve.api_key == key and cfg.model_dump()["serve"]["api_key"] == key  # memory keeps it
+    path = tmp_path / "saved.yaml"
+    path.write_text(text, encoding="utf-8")
+    assert load_config(path).serve.api_key is None
+    assert not load_config(None).to_yaml().startswith("#")  # nothing set, nothing to name
+
+
+def test_a_field_marked_secret_or_named_like_one_is_secret() -> None:
+    from pydantic import Field
+
+    from qatune.config.base import Section, is_secret, secret_field
+    from qatune.config.root import _withhold
+
+    class Endpoint(Section):
+        url: str = Field("http://x", description="u")
+        credential: str | None = secret_field(None, "a key under any name")
+        hf_token: str | None = Field(None, description="named like a secret")
+        max_new_tokens: int = Field(8, description="not a secret")
+
+    fields = Endpoint.model_fields
+    assert is_secret("credential", fields["credential"]) and is_secret("hf_token", fields["hf_token"])
+    assert not is_secret("max_new_tokens", fields["max_new_tokens"]) and not is_secret("url", fields["url"])
+    model = Endpoint(credential="c-123", hf_token="t-456")
+    withheld: list[str] = []
+    dumped = _withhold(model, model.model_dump(mode="json"), "x.", withheld)
+    assert dumped == {"url": "http://x", "max_new_tokens": 8} and withheld == ["x.credential", "x.hf_token"]
+    assert "Secret: never written" in fields["credential"].description  # the config reference says so

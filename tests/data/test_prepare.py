@@ -217,3 +217,38 @@ def test_plan_decides_without_writing(tmp_path: Path) -> None:
     assert plan.reuse is False and plan.replaces is False and not (tmp_path / "out").exists()
     with pytest.raises(DataError, match="no such file or folder"):
         recipe.plan(_reuse_config(tmp_path, tmp_path / "missing.jsonl"), Runtime())
+
+
+def test_a_folder_with_user_files_is_never_a_data_output(tmp_path: Path, tokenizer) -> None:
+    """data.output_dir replaces only what `prepare` wrote: a folder of user files, or a data folder with
+    user files added, is refused with the files named, and left as it was."""
+    data = write_jsonl(tmp_path / "d.jsonl", REUSE_RECORDS)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.md").write_text("mine", encoding="utf-8")
+    (out / "config.yaml").write_text("my: config\n", encoding="utf-8")  # a name prepare writes, but not its folder
+    with pytest.raises(DataError, match="not a qatune data folder") as info:
+        prepare_or_reuse(_reuse_config(tmp_path, data), tokenizer)
+    assert "notes.md" in str(info.value) and "config.yaml" in str(info.value) and str(out) in str(info.value)
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "notes.md"]
+    assert (out / "config.yaml").read_text(encoding="utf-8") == "my: config\n"
+
+    (out / "notes.md").unlink()
+    (out / "config.yaml").unlink()
+    assert prepare_or_reuse(_reuse_config(tmp_path, data), tokenizer)[1] is False  # an empty folder is fine
+    (out / "mine.txt").write_text("mine", encoding="utf-8")
+    assert prepare_or_reuse(_reuse_config(tmp_path, data), tokenizer)[1] is True  # reused: nothing written
+    with pytest.raises(DataError, match="holds files that are not qatune's") as info:
+        prepare_or_reuse(_reuse_config(tmp_path, data, "data.max_length=64"), tokenizer)
+    assert "mine.txt" in str(info.value) and "dataset" not in str(info.value)
+    assert load_prepared(out).report["max_length"] != 64  # the earlier dataset is untouched
+
+
+def test_prepare_files_are_whole_and_hold_no_secret(tmp_path: Path, tokenizer) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", REUSE_RECORDS)
+    key = "sk-data-stage-5b1e0d"
+    prepare_or_reuse(_reuse_config(tmp_path, data, f"serve.api_key={key}"), tokenizer)
+    out = tmp_path / "out"
+    assert [str(p) for p in out.rglob("*") if p.is_file() and key.encode() in p.read_bytes()] == []
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]  # every temporary name was renamed
+    assert load_config(out / "config.yaml").serve.api_key is None

@@ -128,6 +128,9 @@ def test_int8_copy_answers_and_is_smaller(exported):
     assert answer.strip()
     report = json.loads((out / "export_report.json").read_text(encoding="utf-8"))
     assert report["files"]["int8"] > 0 and report["smoke_answer"]["answer"]
+    # No pickle anywhere in what is shared (issue 19): the int8 weights are safetensors.
+    assert (out / "int8" / "model.safetensors").is_file()
+    assert [p.name for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")] == []
 
 
 def test_refusals_write_nothing(tiny_model_dir, tmp_path, default_adapter):
@@ -150,6 +153,40 @@ def test_refusals_write_nothing(tiny_model_dir, tmp_path, default_adapter):
                                   "export.overwrite=true"]), cpu)
     assert [p.name for p in tmp_path.iterdir() if p.name != "out"] == []  # no staging folder left
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_the_model_adapter_and_base_are_never_the_export_folder(tiny_model_dir, tmp_path):
+    """Even with --force (which deletes the folder there): refused before anything is read or deleted."""
+    import hashlib
+    import shutil
+
+    def snapshot(folder):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+
+    model = tmp_path / "models" / "tiny"
+    shutil.copytree(tiny_model_dir, model)
+    adapter = tmp_path / "runs" / "lora"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path":
+                                                             str(model)}))
+    before = snapshot(tmp_path)
+    for out, args in ((model, [f"model={model}"]), (tmp_path / "models", [f"model={model}"]),
+                      (adapter, [f"export.adapter={adapter}", f"model={model}"]),
+                      (model, [f"export.adapter={adapter}", "model=default"])):  # the base the adapter names
+        with pytest.raises(ExportError, match="which this export reads"):
+            export(load_config(None, args + [f"export.output_dir={out}", "export.overwrite=true"]), _quiet("cpu"))
+    assert snapshot(tmp_path) == before
+
+
+def test_a_staging_folder_with_a_pickle_is_refused(tmp_path):
+    from qatune.export.recipe import _refuse_pickles
+
+    (tmp_path / "int8").mkdir()
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    _refuse_pickles(tmp_path)
+    (tmp_path / "int8" / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(ExportError, match=r"pickled files \(int8/pytorch_model.bin\)"):
+        _refuse_pickles(tmp_path)
 
 
 def test_prefix_adapters_cannot_be_merged(tmp_path):

@@ -1,7 +1,8 @@
-"""What every section shares: strictness, and the decoding sub-section."""
+"""What every section shares: strictness, secret fields, and the decoding sub-section."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -12,6 +13,23 @@ class Section(BaseModel):
     """Base for every config section: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# A field whose name looks like a credential is secret even where its schema forgot to say so.
+_SECRET_NAME = re.compile(r"(^|_)(api_key|apikey|password|passwd|secret|access_token|auth_token|hf_token)$")
+
+
+def secret_field(default: Any, description: str) -> Any:
+    """A field that holds a credential: `QatuneConfig.to_yaml()` and `file_dump()` never write its value
+    (config.yaml, reports and dumps list it as withheld instead)."""
+    return Field(default, description=description + " Secret: never written to config.yaml, reports or dumps.",
+                 json_schema_extra={"secret": True})
+
+
+def is_secret(name: str, info: FieldInfo) -> bool:
+    """Whether a field holds a credential: marked with `secret_field`, or named like one (`api_key`, `*_password`...)."""
+    extra = info.json_schema_extra
+    return (isinstance(extra, dict) and extra.get("secret") is True) or bool(_SECRET_NAME.search(name))
 
 
 class DecodingConfig(Section):

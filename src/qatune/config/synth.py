@@ -17,7 +17,8 @@ AugmentDecoding = decoding_section("AugmentDecoding", "for paraphrases (sampled:
 class GeneratedData(Section):
     """What every stage that writes a dataset with a model shares."""
 
-    overwrite: bool = Field(False, description="Replace an existing output file (`--force`).")
+    overwrite: bool = Field(False, description="Replace an existing output file or its .report.json/.dropped.jsonl "
+                            "(`--force`); never one of the stage's inputs.")
 
 
 class FromDocsConfig(GeneratedData):

@@ -20,7 +20,9 @@ class TrainConfig(Section):
     )
     output_dir: str = Field("outputs/run", description="Where weights or adapter, checkpoints and reports go.")
     overwrite_output_dir: bool = Field(
-        False, description="Start over in an output_dir that holds checkpoints of an earlier run (else: an error)."
+        False, description="Start over in an output_dir that holds an earlier run's outputs (checkpoints, weights, "
+        "adapter, report, logs, eval/): they are removed first; without it such a folder is an error naming them. "
+        "Never allowed for the model's own folder."
     )
     resume: bool = Field(False, description="Continue from the last complete checkpoint in output_dir.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (full fine-tuning wants ~1e-5).")

@@ -6,6 +6,12 @@ A recipe (see `qatune.recipe`):
 - `setup` loads the tokenizer and reads and cleans every record (or reads back the reusable dataset).
 - `run` splits, mixes, tokenizes and (with `write`) replaces data.output_dir's dataset and report.
 
+data.output_dir is the data stage's own folder, and writing there is the say-so to replace an earlier
+prepared dataset (one of the same fingerprint is read back instead, with `reuse`). The say-so covers
+qatune's own files only: a folder that is not a qatune data folder (no data_report.json with a
+fingerprint) and is not empty, or a data folder that also holds other files, is refused in `plan`,
+naming the files, before anything is written.
+
 `prepare(config)` is the CLI's entry point; `prepare_or_reuse(config, tokenizer)` the train stage's,
 with the tokenizer it has loaded already (one load per model).
 """
@@ -21,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qatune import __version__
+from qatune import files as atomic
 from qatune.compat.datasets import progress_bars_off
 from qatune.config import DataConfig, QatuneConfig, SourceConfig
 from qatune.data import clean
@@ -40,6 +47,7 @@ DROPS_FILE = "dropped.jsonl"
 HISTOGRAM_FILE = "token_lengths.png"
 TEMPLATE_FILE = "chat_template.jinja"
 CONFIG_FILE = "config.yaml"
+DATA_OUTPUTS = (DATASET_DIR, REPORT_FILE, DROPS_FILE, HISTOGRAM_FILE, TEMPLATE_FILE, CONFIG_FILE)
 
 
 @dataclass
@@ -60,8 +68,8 @@ class PreparePlan:
     write: bool  # False: the dataset is built in memory only
     fingerprint: str  # of everything the dataset depends on (see `fingerprint`)
     reuse: bool  # output_dir holds the dataset these inputs make: read it back instead
-    # output_dir holds an earlier dataset that `run` replaces. The folder is the data stage's own
-    # (data.output_dir): writing there is the say-so, as it always was.
+    # output_dir holds an earlier dataset that `run` replaces: a qatune data folder (data.output_dir)
+    # holding only qatune's files; anything else was refused in `plan`.
     replaces: bool
 
 
@@ -137,6 +145,8 @@ def plan(config: QatuneConfig, runtime: Runtime, write: bool = True, reuse: bool
     out = Path(data.output_dir)
     written = _written_fingerprint(out)
     reusable = reuse and written == digest
+    if write and not reusable:
+        refuse_foreign_files(out)
     return PreparePlan(config, runtime, out, write, digest, reusable, replaces=write and not reusable and
                        written is not None)
 
@@ -231,6 +241,45 @@ def fingerprint(config: QatuneConfig, inputs: list[tuple[SourceConfig, list[Path
     return digest.hexdigest()[:16]
 
 
+def foreign_files(out: Path) -> list[str]:
+    """What in data.output_dir is not the data stage's own: everything, when the folder is not a qatune data
+    folder (no data_report.json with a fingerprint); else what is not one of `DATA_OUTPUTS`."""
+    if not out.is_dir():
+        return []
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
+                   if not (p.name.startswith(".") and ".tmp-" in p.name))  # a killed write's temporary file
+    if not _is_data_folder(out):
+        return names
+    return [n for n in names if n.rstrip("/") not in DATA_OUTPUTS]
+
+
+def refuse_foreign_files(out: Path) -> None:
+    """Refuse to write a dataset into `out` when it holds files that are not the data stage's own."""
+    foreign = foreign_files(out)
+    if foreign:
+        what = "is not a qatune data folder" if not _is_data_folder(out) else "holds files that are not qatune's"
+        raise DataError(f"data.output_dir {what} and preparing would write into it beside "
+                        f"{', '.join(foreign[:8])}{' ...' if len(foreign) > 8 else ''}", Location(str(out)),
+                        hint="set data.output_dir to a new or empty folder (or one `qatune data prepare` wrote), "
+                             "or move those files out")
+
+
+def refuse_unless_data_folder(out: Path) -> None:
+    """The train stage's early check (its plan, before an earlier run is deleted): a folder with files that
+    is not a qatune data folder can never be reused, so preparing would write beside them: refused."""
+    if not _is_data_folder(out):
+        refuse_foreign_files(out)
+
+
+def _is_data_folder(out: Path) -> bool:
+    """Whether `out` is one `prepare` wrote: its data_report.json is a JSON object with a fingerprint."""
+    try:
+        report = json.loads((out / REPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and "fingerprint" in report
+
+
 def _written_fingerprint(out: Path) -> str | None:
     """The fingerprint of the dataset prepared in `out` (None: there is none; "" when it is unreadable)."""
     if not (out / REPORT_FILE).is_file() and not (out / DATASET_DIR).is_dir():
@@ -271,21 +320,22 @@ def _write(prepared: PreparedData, plan: PreparePlan, template_source: str, log:
 
     out = prepared.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    if plan.replaces:  # the report goes first: a half-replaced dataset must never look reusable
-        (out / REPORT_FILE).unlink(missing_ok=True)
+    if plan.replaces:  # the report goes first: a half-replaced dataset must never look reusable, yet stays ours
+        atomic.write_json(out / REPORT_FILE, {"fingerprint": "", "state": "being replaced"})
     parts = {"train": prepared.train}
     if prepared.validation is not None:
         parts["validation"] = prepared.validation
     with progress_bars_off():  # the summary says what was written
         DatasetDict(parts).save_to_disk(str(out / DATASET_DIR))
     if template_source:  # a base model's pt run has none
-        (out / TEMPLATE_FILE).write_text(template_source, encoding="utf-8")
-    (out / CONFIG_FILE).write_text(plan.config.to_yaml(), encoding="utf-8")
-    (out / DROPS_FILE).write_text(log.as_jsonl(), encoding="utf-8")
-    save_histogram({name: [r["length"] for r in rows] for name, rows in splits.items()},
-                   plan.config.data.max_length, out / HISTOGRAM_FILE)
+        atomic.write_text(out / TEMPLATE_FILE, template_source)
+    atomic.write_text(out / CONFIG_FILE, plan.config.to_yaml())
+    atomic.write_text(out / DROPS_FILE, log.as_jsonl())
+    with atomic.atomic_path(out / HISTOGRAM_FILE) as histogram:
+        save_histogram({name: [r["length"] for r in rows] for name, rows in splits.items()},
+                       plan.config.data.max_length, histogram)
     prepared.report["files"] = sorted({p.name for p in out.iterdir()} | {REPORT_FILE})
-    (out / REPORT_FILE).write_text(json.dumps(prepared.report, ensure_ascii=False, indent=2), encoding="utf-8")
+    atomic.write_json(out / REPORT_FILE, prepared.report)
 
 
 def load_prepared(output_dir: str | Path) -> PreparedData:

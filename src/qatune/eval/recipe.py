@@ -27,6 +27,7 @@ from qatune.config import EvalConfig, QatuneConfig
 from qatune.eval import compare, metrics
 from qatune.eval.report import REPORT_JSON, write_all, written_files
 from qatune.eval.sets import EvalError, EvalSet, load_eval_set
+from qatune.files import model_folders, overlapping
 from qatune.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -112,6 +113,12 @@ def plan(config: QatuneConfig, runtime: Runtime, specs: list[ModelSpec],
     if not specs:
         raise EvalError("nothing to evaluate: no model given", hint="pass --model M, or --compare BASE TUNED")
     out = Path(cfg.output_dir)
+    models = [_model_config(config, spec) for spec in specs]
+    inside = next((f for m, s in zip(models, specs) if (f := overlapping(out, model_folders(m, (s.adapter,)),
+                                                                      or_inside=True))), None)
+    if inside is not None:
+        raise EvalError(f"eval.output_dir {out} is (or holds) the model folder {inside}: reports never go among "
+                        "the weights they evaluate", hint="choose another eval.output_dir (--out)")
     overwrites = tuple(name for name in written_files([s.label for s in specs]) if (out / name).exists())
     return EvalPlan(config, runtime, tuple(specs), tuple(sets), runtime.dtype(config.model), out, overwrites)
 
@@ -121,11 +128,11 @@ def setup(plan: EvalPlan) -> EvalComponents:
     from qatune.infer.load import trained_template
 
     spec = plan.specs[-1]
-    return EvalComponents(trained_template(_model_config(plan, spec), spec.adapter, plan.config.data.template))
+    return EvalComponents(trained_template(_model_config(plan.config, spec), spec.adapter, plan.config.data.template))
 
 
-def _model_config(plan: EvalPlan, spec: ModelSpec) -> "ModelConfig":
-    return plan.config.model.model_copy(update={"name_or_path": spec.model})
+def _model_config(config: QatuneConfig, spec: ModelSpec) -> "ModelConfig":
+    return config.model.model_copy(update={"name_or_path": spec.model})
 
 
 def run(plan: EvalPlan, components: EvalComponents) -> EvalResult:
@@ -142,7 +149,7 @@ def run(plan: EvalPlan, components: EvalComponents) -> EvalResult:
     predictions: dict[str, list[dict[str, Any]]] = {}
     for spec in plan.specs:
         started = time.perf_counter()
-        loaded = load_for_inference(_model_config(plan, spec), plan.runtime, spec.adapter,
+        loaded = load_for_inference(_model_config(plan.config, spec), plan.runtime, spec.adapter,
                                     template_source=components.template.source)
         console.print(f"Evaluating {spec.label}: {spec.describe()} ({dtype} on {device})")
         predictions[spec.label] = []

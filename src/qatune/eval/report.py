@@ -13,11 +13,11 @@ from __future__ import annotations
 import csv
 import html
 import io
-import json
 import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qatune import files as atomic
 from qatune.errors import Location
 from qatune.eval.sets import EvalError
 
@@ -43,21 +43,20 @@ def written_files(labels: list[str]) -> list[str]:
 
 
 def write_all(report: dict[str, Any], predictions: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
-    """Write every file; returns their names (the report lists them too)."""
+    """Write every file (each to a temporary name, then renamed); returns their names (the report lists them too)."""
     for label, rows in predictions.items():
-        (out / predictions_file(label)).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                                                   encoding="utf-8")
+        atomic.write_jsonl(out / predictions_file(label), rows)
     write_review_sheet(predictions, out / REVIEW_SHEET)
     files = written_files(list(predictions))
     report["files"] = files
-    (out / REPORT_JSON).write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
-    (out / REPORT_MD).write_text(markdown(report), encoding="utf-8")
-    (out / REPORT_HTML).write_text(html_page(report), encoding="utf-8")
+    atomic.write_json(out / REPORT_JSON, report)
+    atomic.write_text(out / REPORT_MD, markdown(report))
+    atomic.write_text(out / REPORT_HTML, html_page(report))
     return files
 
 
 def write_review_sheet(predictions: dict[str, list[dict[str, Any]]], path: Path) -> None:
-    with path.open("w", encoding="utf-8-sig", newline="") as f:
+    with atomic.atomic_path(path) as temporary, temporary.open("w", encoding="utf-8-sig", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(SHEET_COLUMNS)
         for label, rows in predictions.items():

@@ -9,6 +9,10 @@
   form against the model it came from, then moves the staging folder into place (deleting the old
   output where the plan says so) and writes the report.
 
+No export holds a pickle: weights are safetensors (the int8 copy too: torchao's tensors save to
+safetensors) or GGUF, and a staging folder with a .bin/.pt file is refused. The output folder is
+never the model, the adapter or its base, nor a folder holding one (--force would delete it).
+
 Everything is written into a staging folder beside `export.output_dir` and moved into place only
 when complete, so a failure leaves nothing half-done. The base is always loaded unquantized for
 the merge: a QLoRA adapter is merged into the full-precision base (merging into 4-bit weights
@@ -19,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import shutil
 import time
@@ -29,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from qatune.config import DecodingConfig, QatuneConfig
 from qatune.errors import QatuneError
+from qatune.files import model_folders, overlapping, write_json, write_text
 from qatune.models import ADAPTER_FILE, AdapterInfo, ModelLocation
 from qatune.runtime import Runtime
 
@@ -79,6 +83,12 @@ def plan(config: QatuneConfig, runtime: Runtime) -> ExportPlan:
 
     cfg = config.export
     out = Path(cfg.output_dir)
+    # What the export reads must survive it: --force deletes the whole folder there now.
+    clash = overlapping(out, model_folders(config.model, (cfg.adapter,)), or_inside=True)
+    if clash is not None:
+        raise ExportError(f"export.output_dir {out} is or holds {clash}, which this export reads (the model, the "
+                          "adapter or its base): writing the export there would delete it",
+                          hint="choose another --out (a new folder)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
         raise ExportError(f"the output folder {out} is not empty", hint="choose another --out, or pass --force")
     if cfg.quantize in ("bnb-8bit", "bnb-4bit"):
@@ -158,6 +168,7 @@ def run(plan: ExportPlan, parts: ExportComponents) -> ExportResult:
     try:
         with progress_bars_off():
             report = _write_export(plan, parts, staging)
+        _refuse_pickles(staging)
         if plan.deletes_existing:
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         staging.rename(out)
@@ -166,8 +177,20 @@ def run(plan: ExportPlan, parts: ExportComponents) -> ExportResult:
         raise
     report["wall_time_s"] = time.perf_counter() - parts.started
     report["files"] = _files(out)
-    (out / REPORT_FILE).write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+    write_json(out / REPORT_FILE, report)
     return ExportResult(out, report)
+
+
+# Suffixes of files torch.save / pickle write: loading one runs code, so an export holds none.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def _refuse_pickles(folder: Path) -> None:
+    """An export is shared: refuse one in which a library wrote a pickle (safetensors and GGUF only)."""
+    found = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+    if found:
+        raise ExportError(f"the export would contain pickled files ({', '.join(found)}), which run code when loaded",
+                          hint="report this as a bug; the safetensors and GGUF files are the ones to use")
 
 
 def _write_export(plan: ExportPlan, parts: ExportComponents, folder: Path) -> dict[str, Any]:
@@ -203,8 +226,7 @@ def _write_export(plan: ExportPlan, parts: ExportComponents, folder: Path) -> di
         pre = source_pre_tokenizer(Path(loc.path) / loc.gguf_file) if loc.gguf_file else None
         name = f"model-{cfg.gguf}.gguf"
         write_gguf(model.float(), tokenizer, folder, folder / name, cfg.gguf, plan.output_dir.name, pre or "default")
-        (folder / MODELFILE).write_text(modelfile(name, template.end_of_turn, plan.config.serve.decoding),
-                                        encoding="utf-8")
+        write_text(folder / MODELFILE, modelfile(name, template.end_of_turn, plan.config.serve.decoding))
         checks["gguf"] = _compare(cfg.check_questions, merged_answers,
                                   _answers(_read_back(folder, gguf_file=name), tokenizer, template, questions,
                                            cfg.check_max_new_tokens))
@@ -264,7 +286,10 @@ def _quantize(folder: Path, kind: str, tokenizer: Any, template: Any, questions:
             quantization = TorchAoConfig(Int8DynamicActivationInt8WeightConfig())
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
                                                          quantization_config=quantization)
-            model.save_pretrained(target, safe_serialization=False)
+            # torchao's Int8Tensor saves to safetensors (torchao 0.18, transformers 5.24); the check below
+            # answers with the copy as read back from them.
+            model.save_pretrained(target, safe_serialization=True)
+            model = AutoModelForCausalLM.from_pretrained(str(target)).eval()
     else:
         from transformers import BitsAndBytesConfig
 

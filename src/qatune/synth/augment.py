@@ -65,11 +65,11 @@ def plan(config: QatuneConfig, runtime: Runtime) -> AugmentPlan:
     from qatune.synth.output import decide_output
 
     cfg = config.augment
-    output, replaces = decide_output(cfg.output, cfg.overwrite)
-    prompts = load_prompt(cfg.prompt, AUGMENT_PROMPTS, AUGMENT_FIELDS, "question")
     if not config.data.sources:
         raise DataError("nothing to augment: data.sources is empty", hint="give the dataset with --data FILE")
-    source_files(config.data.sources)
+    inputs = [f for _, found in source_files(config.data.sources) for f in found]
+    output, replaces = decide_output(cfg.output, cfg.overwrite, "augment.output", inputs)
+    prompts = load_prompt(cfg.prompt, AUGMENT_PROMPTS, AUGMENT_FIELDS, "question")
     locate_model(config.model)
     return AugmentPlan(config, runtime, output, replaces, prompts)
 

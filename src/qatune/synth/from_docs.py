@@ -60,11 +60,10 @@ def plan(config: QatuneConfig, runtime: Runtime, docs: str | Path) -> FromDocsPl
     from qatune.synth.output import decide_output
 
     cfg = config.from_docs
-    output, replaces = decide_output(cfg.output, cfg.overwrite)
-    prompts = load_prompt(cfg.prompt, DOCS_PROMPTS, DOCS_FIELDS, "text")
-    document_files(docs)
     against = cfg.against or config.data.sources
-    source_files(against)
+    inputs = document_files(docs)[0] + [f for _, found in source_files(against) for f in found]
+    output, replaces = decide_output(cfg.output, cfg.overwrite, "from_docs.output", inputs)
+    prompts = load_prompt(cfg.prompt, DOCS_PROMPTS, DOCS_FIELDS, "text")
     locate_model(config.model)
     return FromDocsPlan(config, runtime, Path(docs), output, replaces, prompts, against)
 

@@ -1,14 +1,18 @@
 """What from_docs and augment share: the output decision, the index of existing questions, the length
-filter, and the written dataset with its report and drops (`.report.json`, `.dropped.jsonl`)."""
+filter, and the written dataset with its report and drops (`.report.json`, `.dropped.jsonl`).
+
+The three files are one output: any of them already there is replaced only with the section's
+`overwrite` (`--force`), and never when it is one of the stage's own inputs. Each is written to a
+temporary name and renamed."""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qatune import files as atomic
 from qatune.config import QatuneConfig
 from qatune.data import clean
 from qatune.data.records import EMPTY, TOO_SHORT, Conversation, DropLog
@@ -24,16 +28,32 @@ class SynthResult:
     summary: str  # one line of counts for the terminal
 
 
-def decide_output(path: str, overwrite: bool) -> tuple[Path, bool]:
-    """(the output file, whether it replaces an existing one): an existing file is replaced only with
-    the section's `overwrite` (`--force`)."""
+def output_files(output: Path) -> tuple[Path, Path, Path]:
+    """The dataset and its sidecars: drops (`.dropped.jsonl`) and report (`.report.json`)."""
+    return output, output.with_suffix(".dropped.jsonl"), output.with_suffix(".report.json")
+
+
+def decide_output(path: str, overwrite: bool, key: str, inputs: list[Path] = ()) -> tuple[Path, bool]:
+    """(the output file, whether it replaces existing files): the dataset and its sidecars are replaced
+    only with the section's `overwrite` (`key`, `--force`), and never when one of them is an input."""
     output = Path(path)
-    if output.exists() and not overwrite:
-        raise DataError("the output file already exists", Location(str(output)),
-                        hint="choose another --out, or --force to replace it")
     if output.suffix != ".jsonl":
-        raise DataError("the output must be a .jsonl file", Location(str(output)))
-    return output, output.exists()
+        raise DataError(f"{key}: the output must be a .jsonl file", Location(str(output)))
+    written = output_files(output)
+    read = {p.resolve() for p in inputs}
+    clash = [p for p in written if p.resolve() in read]
+    if clash:
+        raise DataError(f"{key}: writing {', '.join(str(p) for p in clash)} would replace an input of this stage",
+                        Location(str(output)), hint="choose another --out")
+    folders = [p for p in written if p.is_dir()]
+    if folders:
+        raise DataError(f"{key}: {folders[0]} is a folder", Location(str(output)), hint="choose another --out")
+    existing = [p for p in written if p.exists()]
+    if existing and not overwrite:
+        raise DataError(f"{key}: the output already exists ({', '.join(p.name for p in existing)} in {output.parent})",
+                        Location(str(output)), hint=f"choose another --out, or --force ({key.split('.')[0]}"
+                                                    ".overwrite=true) to replace them")
+    return output, bool(existing)
 
 
 def question_index(config: QatuneConfig, convs: list[Conversation], label: str) -> clean.QuestionIndex:
@@ -60,11 +80,10 @@ def long_enough(question: str, answer: str, config: QatuneConfig, log: DropLog, 
 def write_output(output: Path, records: list[dict[str, Any]], report: dict[str, Any], log: DropLog,
                  started: float, summary: str) -> SynthResult:
     """The dataset, its drops and its report (with counts, seconds and the files written)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    drops = output.with_suffix(".dropped.jsonl")
-    drops.write_text(log.as_jsonl(), encoding="utf-8")
+    _, drops, report_file = output_files(output)
+    atomic.write_jsonl(output, records)
+    atomic.write_text(drops, log.as_jsonl())
     report = {**report, "records": len(records), "dropped": log.by_reason(), "seconds": round(time.perf_counter()
-              - started, 2), "files": [output.name, drops.name, output.with_suffix(".report.json").name]}
-    output.with_suffix(".report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+              - started, 2), "files": [output.name, drops.name, report_file.name]}
+    atomic.write_json(report_file, report)
     return SynthResult(output, records, report, log, summary)

@@ -3,13 +3,13 @@ the figures that go into it."""
 
 from __future__ import annotations
 
-import json
 import resource
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from qatune.config import DecodingConfig
+from qatune.files import write_json
 from qatune.train import report as train_report
 
 
@@ -44,7 +44,7 @@ def answer_previews(model: Any, tokenizer: Any, template: Any, rows: list[dict[s
 def write_report(report: dict[str, Any], out: Path) -> None:
     """train_report.json, listing every file of the run folder (itself included)."""
     report["files"] = sorted({p.name for p in out.iterdir()} | {train_report.REPORT_FILE})
-    (out / train_report.REPORT_FILE).write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+    write_json(out / train_report.REPORT_FILE, report)
 
 
 def replica_checksums(model: Any) -> list[float]:

@@ -1,13 +1,16 @@
 """The training stage as a recipe: `train(config, runtime) -> TrainResult`.
 
 - `plan` checks what this machine can do (method, engine, precision, logger) and decides what
-  happens to train.output_dir (resume point, or the earlier run's files it would remove): it reads
-  the folder and writes nothing.
+  happens to train.output_dir (resume point, or the earlier run's files it would remove, only with
+  train.overwrite_output_dir; never the model's own folder) and that data.output_dir may be written:
+  it reads the folders and writes nothing.
 - `setup` loads: the tokenizer once, the data (prepared or reused), the model the method's way,
   the fast paths, and the Trainer with qatune's collator and callbacks; rank 0 removes what the plan
   listed first.
 - `run` trains (resuming if planned), then writes weights or adapter, the tokenizer with the training
-  chat template, a generation config that stops at end-of-turn, the report and the loss curve.
+  chat template, a generation config that stops at end-of-turn, the report and the loss curve (each
+  of qatune's own files atomically; the Trainer's pickled training_args.bin is deleted: no pickle is
+  published with the weights).
 
 Everything global the stage changes (oneDNN's kernel cache size, the random state, progress bars)
 holds inside `process_state` and is undone after. Evaluation after training is the caller's
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qatune import __version__
+from qatune import files as atomic
 from qatune.config import QatuneConfig
 from qatune.recipe import execute
 from qatune.train import report as train_report
@@ -40,7 +44,8 @@ from qatune.train.checkpoints import (
     TrainError,
     complete_checkpoints,
     decide_output_dir,
-    remove_earlier_run,
+    delete_earlier_run,
+    delete_training_args_pickle,
 )
 from qatune.train.stages import STAGES, TrainingStage
 
@@ -112,6 +117,7 @@ class TrainComponents:
 
 def plan(config: QatuneConfig, runtime: "Runtime", callbacks: Sequence[Any] = ()) -> TrainPlan:
     """Every check that needs no weights, and what will happen to train.output_dir."""
+    from qatune.data.prepare import refuse_unless_data_folder
     from qatune.train.methods import check_method_here
 
     cfg = config.train
@@ -124,8 +130,9 @@ def plan(config: QatuneConfig, runtime: "Runtime", callbacks: Sequence[Any] = ()
     if cfg.early_stopping_patience and not config.data.eval_sources and config.data.val_size == 0:
         raise TrainError("train.early_stopping_patience needs eval data, and this dataset has none",
                          hint="set data.val_size above 0 or add data.eval_sources")
-    return TrainPlan(config, runtime, STAGES[cfg.stage], precision, decide_output_dir(config, runtime.world_size),
-                     tuple(callbacks))
+    output = decide_output_dir(config, runtime.world_size)
+    refuse_unless_data_folder(Path(config.data.output_dir))  # the data stage's own plan checks the rest
+    return TrainPlan(config, runtime, STAGES[cfg.stage], precision, output, tuple(callbacks))
 
 
 @contextmanager
@@ -163,7 +170,7 @@ def setup(plan: TrainPlan) -> TrainComponents:
     processes = PartialState(cpu=runtime.device == "cpu")
     with processes.main_process_first():  # rank 0 cleans the folder and tokenizes; the others then reuse
         if runtime.main:
-            remove_earlier_run(plan.output)
+            delete_earlier_run(plan.output)
         tokenizer = load_tokenizer(config.model)
         data, reused = prepare_or_reuse(config, tokenizer, runtime)
     console.print(f"Data: {len(data.train)} train / {len(data.validation or [])} eval samples "
@@ -213,7 +220,7 @@ def run(plan: TrainPlan, c: TrainComponents) -> TrainResult:
     out = plan.output.folder
     out.mkdir(parents=True, exist_ok=True)
     if runtime.main:
-        (out / CONFIG_FILE).write_text(config.to_yaml(), encoding="utf-8")
+        atomic.write_text(out / CONFIG_FILE, config.to_yaml())  # secrets withheld
     answers = plan.stage.answers_questions and runtime.main
     preview = preview_rows(c.data.validation, cfg.preview_questions) if answers else []
     # The checkpoint, if any, is loaded later, inside trainer.train(): this is the base model.
@@ -248,6 +255,7 @@ def run(plan: TrainPlan, c: TrainComponents) -> TrainResult:
     replicas = replica_checksums(unwrapped) if several and cfg.distributed == "ddp" else None
     if not runtime.main:
         return TrainWorkerDone(out, runtime.rank, state.global_step)
+    delete_training_args_pickle(out)
     if c.template.source:  # the template the model learned, even a named one (a base model's pt run has none)
         c.tokenizer.chat_template = c.template.source
     c.tokenizer.save_pretrained(str(out))
@@ -279,8 +287,8 @@ def run(plan: TrainPlan, c: TrainComponents) -> TrainResult:
         "replica_checksums": replicas, "replicas_identical": len(set(replicas)) == 1 if replicas else None,
         "preview": [{k: row[k] for k in ("question", "reference", "base", "tuned")} for row in preview],
     }
-    train_report.save_loss_plot(log, out / train_report.LOSS_PLOT_FILE,
-                                f"{config.method.name} on {config.model.name_or_path}")
+    with atomic.atomic_path(out / train_report.LOSS_PLOT_FILE) as plot:
+        train_report.save_loss_plot(log, plot, f"{config.method.name} on {config.model.name_or_path}")
     write_report(report, out)
     return TrainCompleted(out, report, preview, c.data.validation)
 

@@ -11,7 +11,6 @@ queued again with the same parameters.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import warnings
@@ -19,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qatune import files as atomic
 from qatune.config import QatuneConfig, TuneConfig
+from qatune.config.root import mask_url_password
 from qatune.errors import QatuneError
 from qatune.recipe import execute
 
@@ -96,7 +97,7 @@ def run(plan: TunePlan, study: "optuna.Study") -> TuneResult:
     config, cfg, console, out = plan.config, plan.config.tune, plan.runtime.console, plan.output_dir
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
     remaining = max(cfg.trials - done, 0)
-    console.print(f"Study {cfg.study_name!r} in {plan.storage}: {done} trial(s) done, {remaining} to run")
+    console.print(f"Study {cfg.study_name!r} in {mask_url_password(plan.storage)}: {done} trial(s) done, {remaining} to run")
     ran = 0
     interrupted = False
     for _ in range(remaining):
@@ -220,7 +221,7 @@ def _write_summary(study: "optuna.Study", config: QatuneConfig, out: Path) -> di
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = min(complete, key=lambda t: t.value) if complete else None
     summary: dict[str, Any] = {
-        "study": study.study_name, "storage": storage_url(config.tune), "direction": "minimize",
+        "study": study.study_name, "storage": mask_url_password(storage_url(config.tune)), "direction": "minimize",
         "objective": "best eval loss of the run",
         "counts": {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState},
         "trials": [{
@@ -236,13 +237,13 @@ def _write_summary(study: "optuna.Study", config: QatuneConfig, out: Path) -> di
         best_config = _with(config, _suggest(FixedTrial(best.params), config.tune, config.method.name))
         header = (f"# Best of {len(complete)} complete trial(s) of study {study.study_name!r}: trial {best.number}, "
                   f"best eval loss {best.value:.4f}.\n# Train it with: qatune train {out / BEST_CONFIG_FILE}\n")
-        (out / BEST_CONFIG_FILE).write_text(header + best_config.to_yaml(), encoding="utf-8")
+        atomic.write_text(out / BEST_CONFIG_FILE, header + best_config.to_yaml())  # secrets withheld
         summary["best"] = {"number": best.number, "value": best.value, "params": best.params,
                            "run": str(out / f"{TRIAL_PREFIX}{best.number}")}
         _plot_history(study, out / HISTORY_PLOT_FILE)
         files += [BEST_CONFIG_FILE, HISTORY_PLOT_FILE]
     summary["files"] = files
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
+    atomic.write_json(out / SUMMARY_FILE, summary)
     return summary
 
 
@@ -258,5 +259,6 @@ def _plot_history(study: "optuna.Study", path: Path) -> None:
         ax = optuna.visualization.matplotlib.plot_optimization_history(study, target_name="best eval loss")
     ax.figure.set_size_inches(7, 4)
     ax.figure.tight_layout()
-    ax.figure.savefig(path, dpi=100)
+    with atomic.atomic_path(path) as temporary:
+        ax.figure.savefig(temporary, dpi=100)
     plt.close(ax.figure)
