@@ -150,7 +150,18 @@ def test_datasets_progress_bars_are_restored() -> None:
     assert datasets.is_progress_bar_enabled()
 
 
-@pytest.mark.parametrize("module", ["torch", "transformers", "peft", "datasets", "process"])
+def test_uvicorns_h11_protocol_keeps_what_the_head_deadline_relies_on() -> None:
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from qatune.compat.uvicorn import BoundedH11Protocol
+
+    for name in ("connection_made", "on_response_complete", "connection_lost"):
+        assert parameters(getattr(BoundedH11Protocol, name)) == parameters(getattr(H11Protocol, name)), name
+    source = inspect.getsource(H11Protocol)
+    assert all(f"self.{attribute}" in source for attribute in ("cycle", "transport", "loop"))
+
+
+@pytest.mark.parametrize("module", ["torch", "transformers", "peft", "datasets", "process", "uvicorn"])
 def test_every_compat_module_is_documented(module) -> None:
     import importlib
 

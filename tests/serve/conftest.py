@@ -41,7 +41,9 @@ def serve_config(model_dir: Path, adapters: dict[str, Path] | None = None, *over
     adapters = {k: str(v) for k, v in (adapters or {}).items()}
     return load_config(None, [f"model={json.dumps(str(model_dir))}", "model.dtype=float32", f"serve.adapters={json.dumps(adapters)}",
                               "serve.decoding.max_new_tokens=8", "serve.max_tokens=900",
-                              "serve.max_input_tokens=256", "serve.decoding.temperature=0", *overrides])
+                              "serve.max_input_tokens=256", "serve.decoding.temperature=0",
+                              # the tests send many bad requests from one address on purpose: no slowing down
+                              "serve.abuse_refusals=0", *overrides])
 
 
 def free_port() -> int:
@@ -70,6 +72,7 @@ def start_server():
     from qatune.runtime import Runtime
     from qatune.serve import recipe
     from qatune.serve.app import create_app
+    from qatune.serve.connections import uvicorn_options
 
     running: list[tuple[uvicorn.Server, threading.Thread]] = []
     runtime = Runtime.detect()
@@ -82,7 +85,7 @@ def start_server():
             engine.start()
         app = create_app(engine, config.serve, components.metrics)
         port = free_port()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **uvicorn_options(config.serve)))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         deadline = time.time() + 30

@@ -92,3 +92,20 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def test_readme_documents_the_deploy_commands():
     text = (DEPLOY / "README.md").read_text(encoding="utf-8")
     assert "docker build -f deploy/Dockerfile" in text and "kubectl apply -f deploy/k8s/" in text
+
+
+def test_nginx_proxy_limits_match_the_server():
+    text = (DEPLOY / "nginx.conf").read_text(encoding="utf-8")
+    config = load_config(DEPLOY / "serve.yaml").serve
+
+    def setting(name: str) -> str:
+        return re.search(rf"^\s*{name}\s+([^;]+);", text, re.M).group(1).strip()
+
+    assert int(setting("client_max_body_size").rstrip("m")) * 2**20 <= config.max_body_bytes
+    for name in ("client_body_timeout", "client_header_timeout"):
+        assert int(setting(name).rstrip("s")) <= config.read_timeout
+    assert int(setting("keepalive_timeout").rstrip("s")) <= config.timeout_keep_alive
+    assert int(setting("proxy_read_timeout").rstrip("s")) > config.request_timeout  # qatune's own 504 comes first
+    assert setting("proxy_buffering") == "off"  # server-sent events stream
+    assert f"127.0.0.1:{PORT}" in setting("server")
+    assert "nginx.conf" in (DEPLOY / "README.md").read_text(encoding="utf-8")

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
+
+from qatune.compat.process import switched_off
 
 
-@contextmanager
-def progress_bars_off() -> Iterator[None]:
+def progress_bars_off() -> AbstractContextManager[None]:
     """No "Saving the dataset" bars inside the block (the data stage prints its own summary); as before after."""
     import datasets
 
-    enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if enabled:
-            datasets.enable_progress_bars()
+    return switched_off(datasets.is_progress_bar_enabled, datasets.disable_progress_bars,
+                        datasets.enable_progress_bars)

@@ -55,3 +55,15 @@ def logger_levels(levels: Mapping[str, int]) -> Iterator[None]:
     finally:
         for name, logger in loggers.items():
             logger.setLevel(before[name])
+
+
+@contextmanager
+def switched_off(is_on: Callable[[], bool], off: Callable[[], None], on: Callable[[], None]) -> Iterator[None]:
+    """A library's global on/off switch off inside the block, and back on after if it was on."""
+    was_on = is_on()
+    off()
+    try:
+        yield
+    finally:
+        if was_on:
+            on()

@@ -6,7 +6,7 @@ Imported by the train stage only, inside its functions (it imports the Trainer a
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -43,18 +43,13 @@ def attention_implementation(model: Any, implementation: str) -> Iterator[None]:
         inner.set_attn_implementation(before)
 
 
-@contextmanager
-def progress_bars_off() -> Iterator[None]:
+def progress_bars_off() -> AbstractContextManager[None]:
     """No weight-loading bars (noise on every start); as before afterwards."""
     from transformers.utils import logging
 
-    enabled = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            logging.enable_progress_bar()
+    from qatune.compat.process import switched_off
+
+    return switched_off(logging.is_progress_bar_enabled, logging.disable_progress_bar, logging.enable_progress_bar)
 
 
 def tokens_seen_this_run(trainer: Trainer) -> int:

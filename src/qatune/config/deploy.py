@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from qatune.config.base import Section, decoding_section
+from qatune.config.base import Section, decoding_section, secret_field
 
 ServeDecoding = decoding_section(
     "ServeDecoding", "for requests that do not say, and by `qatune chat` / `qatune generate`",
@@ -19,8 +19,8 @@ class ServeConfig(Section):
 
     host: str = Field("127.0.0.1", description="Bind address; loopback unless you mean to expose it (0.0.0.0 in a container).")
     port: int = Field(8000, ge=1, le=65535, description="TCP port.")
-    api_key: str | None = Field(
-        None, description="Require `Authorization: Bearer <key>` on the API routes when set (or env QATUNE_API_KEY)."
+    api_key: str | None = secret_field(
+        None, "Require `Authorization: Bearer <key>` on the API routes when set (or env QATUNE_API_KEY)."
     )
     adapters: dict[str, str] = Field(
         default_factory=dict,
@@ -32,11 +32,39 @@ class ServeConfig(Section):
     )
     max_batch_size: int = Field(16, ge=1, description="Requests decoded together in one step.")
     max_queue: int = Field(
-        64, ge=1, description="Requests waiting or running before new ones get 503 with Retry-After."
+        64, ge=1, description="Requests admitted (being tokenized, waiting or running) before new ones get 503 "
+        "with Retry-After."
     )
     request_timeout: float = Field(120.0, gt=0, description="Seconds before a request is stopped and answered 504.")
     max_input_tokens: int = Field(2048, ge=1, description="Longest accepted prompt (413 above).")
     max_tokens: int = Field(512, ge=1, description="Largest accepted `max_tokens` (400 above).")
+    max_body_bytes: int = Field(
+        2_097_152, ge=1024, description="Largest request body in bytes, refused with 413 while it is read, before "
+        "any parsing (2 MiB holds far more text than serve.max_input_tokens).",
+    )
+    max_input_chars: int = Field(65_536, ge=1, description="Most characters of message text (or prompt) in one "
+                                 "request, checked before tokenizing (413 above); keep it above 16 x max_input_tokens.")
+    max_messages: int = Field(256, ge=1, description="Most messages in one chat request (413 above).")
+    max_stop_chars: int = Field(200, ge=1, description="Longest accepted stop string, in characters (400 above).")
+    read_timeout: float = Field(
+        10.0, gt=0, description="Seconds a client has to send a request's headers, and again its body; a "
+        "half-sent request is then closed (headers) or answered 408 (body).",
+    )
+    limit_concurrency: int = Field(256, ge=1, description="Connections and requests uvicorn handles at once (503 above).")
+    timeout_keep_alive: int = Field(5, ge=1, description="Seconds an idle keep-alive connection stays open.")
+    max_header_bytes: int = Field(
+        16_384, ge=1024, description="Largest request head (request line and headers) in bytes; larger is refused.",
+    )
+    abuse_refusals: int = Field(
+        20, ge=0, description="Refused (4xx) requests from one client address in 10 s after which each of its "
+        "new requests waits serve.abuse_delay first, so a client sending bad requests in a loop is slowed "
+        "instead of taking the CPU from the others; 0: off.",
+    )
+    abuse_delay: float = Field(1.0, ge=0, description="Seconds each request of an abusive client address waits.")
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="Host header names accepted (400 for others). Empty: when bound to "
+        "loopback only localhost, 127.0.0.1 and ::1 (against DNS rebinding); otherwise any name.",
+    )
     decoding: ServeDecoding = Field(
         default_factory=ServeDecoding, description="Defaults of a request that does not say (and of chat/generate)."
     )
@@ -46,7 +74,8 @@ class ExportConfig(Section):
     """`qatune export`: merged weights, GGUF, quantized copies."""
 
     adapter: str | None = Field(None, description="Adapter folder (a lora/qlora training output) to merge into the model.")
-    output_dir: str = Field("outputs/export", description="Folder to write; it must be empty unless `overwrite`.")
+    output_dir: str = Field("outputs/export", description="Folder to write; it must be empty unless `overwrite`. "
+                            "Never the model, the adapter or its base, nor a folder holding one.")
     overwrite: bool = Field(False, description="Replace a non-empty output folder (`--force`).")
     gguf: Literal["f16", "q8_0"] | None = Field(
         None, description="Also write a GGUF file for llama.cpp and Ollama (with a Modelfile): f16 or q8_0."

@@ -77,6 +77,7 @@ class EvalPlan:
 @dataclass(frozen=True)
 class EvalComponents:
     template: "ChatTemplate"  # the tuned model's training template
+    tuned_tokenizer: Any  # the last spec's tokenizer, loaded once
 
 
 @dataclass(frozen=True)
@@ -124,11 +125,17 @@ def plan(config: QatuneConfig, runtime: Runtime, specs: list[ModelSpec],
 
 
 def setup(plan: EvalPlan) -> EvalComponents:
-    """The template every model answers with: the one the tuned model (the last spec) was trained on."""
-    from qatune.infer.load import trained_template
+    """The template every model answers with: the one the tuned model (the last spec) was trained on;
+    items whose text holds one of its control tokens are skipped and counted (they could forge a turn)."""
+    from qatune.data.templates import resolve_template
+    from qatune.eval.sets import drop_control_tokens
+    from qatune.infer.load import inference_tokenizer
 
     spec = plan.specs[-1]
-    return EvalComponents(trained_template(_model_config(plan.config, spec), spec.adapter, plan.config.data.template))
+    tokenizer = inference_tokenizer(_model_config(plan.config, spec), spec.adapter)
+    for eval_set in plan.sets:
+        drop_control_tokens(eval_set, tokenizer)
+    return EvalComponents(resolve_template(tokenizer, plan.config.data.template), tokenizer)
 
 
 def _model_config(config: QatuneConfig, spec: ModelSpec) -> "ModelConfig":
@@ -150,7 +157,8 @@ def run(plan: EvalPlan, components: EvalComponents) -> EvalResult:
     for spec in plan.specs:
         started = time.perf_counter()
         loaded = load_for_inference(_model_config(plan.config, spec), plan.runtime, spec.adapter,
-                                    template_source=components.template.source)
+                                    template_source=components.template.source,
+                                    tokenizer=components.tuned_tokenizer if spec is plan.specs[-1] else None)
         console.print(f"Evaluating {spec.label}: {spec.describe()} ({dtype} on {device})")
         predictions[spec.label] = []
         for s in plan.sets:

@@ -5,25 +5,34 @@ A record with a `choices` field is multiple choice (`question`, `choices` as a l
 record is read in the data stage's formats (qa, alpaca, sharegpt, messages...) and its last
 answer is the reference. A record that cannot be scored is skipped and counted with its reason
 and location; a set left with no item is an error.
+
+Control tokens: prompts are tokenized by `infer.generation.prompt_ids`, which keeps a `<|im_end|>`
+typed inside a message as text; but reference answers and choices are scored as the training
+tokenization reads them, where it would be markup. So once the tokenizer is known,
+`drop_control_tokens` skips an item whose text holds one of its control tokens, counted as
+`control_token` with its location, as training drops such records.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qatune.config import SourceConfig
 from qatune.data import clean
 from qatune.data.formats import detect_format, to_conversation
 from qatune.data.readers import data_files, read_records
-from qatune.data.records import MALFORMED, Conversation, DropLog
+from qatune.data.records import CONTROL_TOKEN, MALFORMED, Conversation, DropLog
 from qatune.errors import DataError, Location, QatuneError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # Why an evaluation record was skipped (besides the data stage's MALFORMED).
 NO_REFERENCE = "no_reference"
 BAD_CHOICES = "bad_choices"
 BAD_ANSWER = "bad_answer"
-SKIP_REASONS = (MALFORMED, NO_REFERENCE, BAD_CHOICES, BAD_ANSWER)
+SKIP_REASONS = (MALFORMED, NO_REFERENCE, BAD_CHOICES, BAD_ANSWER, CONTROL_TOKEN)
 
 
 class EvalError(QatuneError):
@@ -60,6 +69,7 @@ class ChoiceItem:
     question: str
     choices: list[str]
     answer: int  # index into choices
+    location: str = ""  # file and line, for the skip log
 
 
 @dataclass
@@ -139,7 +149,7 @@ def _choice_item(record: dict[str, Any], item_id: str, loc: Location, skipped: D
         skipped.add(BAD_ANSWER, name, loc.with_field("answer"),
                     f"{answer!r} is not one of {', '.join(letters)}, a 0-based index or a choice's text")
         return None
-    return ChoiceItem(item_id, question, choices, index)
+    return ChoiceItem(item_id, question, choices, index, str(loc))
 
 
 def _answer_index(answer: Any, choices: list[str], letters: list[str]) -> int | None:
@@ -167,3 +177,27 @@ def set_from_conversations(name: str, convs: list[Conversation], role: str = "do
         else:
             out.skipped.add(NO_REFERENCE, name, conv.location, "no assistant answer to compare with")
     return out
+
+
+def drop_control_tokens(eval_set: EvalSet, tokenizer: "PreTrainedTokenizerBase") -> EvalSet:
+    """Skip the items whose text holds a control token of `tokenizer` (counted as control_token); returns the set."""
+    from qatune.data.templates import control_token_in, control_tokens
+
+    pattern = control_tokens(tokenizer)
+    kept_qa = []
+    for item in eval_set.qa:
+        problem = control_token_in(item.conversation, pattern)
+        if problem:
+            eval_set.skipped.add(CONTROL_TOKEN, eval_set.name, item.conversation.location, problem)
+        else:
+            kept_qa.append(item)
+    kept_choice = []
+    for choice in eval_set.choice:
+        found = next((m for m in map(pattern.search, [choice.question, *choice.choices]) if m), None)
+        if found:
+            eval_set.skipped.add(CONTROL_TOKEN, eval_set.name, choice.location,
+                                 f"{found.group()!r} is a control token of the tokenizer")
+        else:
+            kept_choice.append(choice)
+    eval_set.qa, eval_set.choice = kept_qa, kept_choice
+    return eval_set

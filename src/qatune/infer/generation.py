@@ -7,14 +7,17 @@ that learned `<|im_end|>` stops there instead of rambling on.
 
 from __future__ import annotations
 
+import re
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from qatune.config import DecodingConfig
-from qatune.data.templates import render
+from qatune.data.templates import control_tokens, render
+from qatune.errors import QatuneError
 
 GREEDY = DecodingConfig()
 
@@ -101,9 +104,80 @@ def _generate_options(tokenizer: "PreTrainedTokenizerBase", decoding: DecodingCo
     return stops, options
 
 
+class ForgedTurnError(QatuneError, ValueError):
+    """A message holds a control token that cannot be kept as plain text with this tokenizer or template."""
+
+
+_CONTROL: "weakref.WeakKeyDictionary[Any, re.Pattern[str]]" = weakref.WeakKeyDictionary()
+_SENTINEL = "\ue000qatune-content-{}\ue001"  # private-use marks no template changes and no tokenizer knows
+
+
+def _control_pattern(tokenizer: "PreTrainedTokenizerBase") -> "re.Pattern[str]":
+    try:
+        return _CONTROL[tokenizer]
+    except KeyError:
+        pattern = _CONTROL[tokenizer] = control_tokens(tokenizer)
+        return pattern
+    except TypeError:  # a tokenizer that cannot be weakly referenced
+        return control_tokens(tokenizer)
+
+
 def prompt_ids(tokenizer: "PreTrainedTokenizerBase", template: str, messages: list[dict[str, str]]) -> list[int]:
-    """The tokens a model answers after: the messages in `template`, plus the assistant header."""
-    return tokenizer.encode(render(tokenizer, template, messages, add_generation_prompt=True), add_special_tokens=False)
+    """The tokens a model answers after: the messages in `template`, plus the assistant header.
+
+    Message content is text, never markup: a `<|im_end|>` a user typed is tokenized as the characters
+    `<|im_end|>`, not as the control token, so user text cannot close its turn and open a system turn.
+    serve, chat, generate and eval all tokenize prompts here. (A template that rewrites the content it
+    is given leaves no way to tell its markup from the user's: such a message is refused.)"""
+    text = render(tokenizer, template, messages, add_generation_prompt=True)
+    pattern = _control_pattern(tokenizer)
+    forged = [(i, found.group()) for i, m in enumerate(messages) if (found := pattern.search(m.get("content") or ""))]
+    if not forged:
+        return tokenizer.encode(text, add_special_tokens=False)
+    return _ids_with_content_as_text(tokenizer, template, messages, text, pattern, forged[0])
+
+
+def _ids_with_content_as_text(tokenizer: "PreTrainedTokenizerBase", template: str, messages: list[dict[str, str]],
+                              text: str, pattern: "re.Pattern[str]", first: tuple[int, str]) -> list[int]:
+    """`text` tokenized with the template's control tokens as tokens and the messages' content as plain text."""
+    marked = [{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(messages)]
+    skeleton = render(tokenizer, template, marked, add_generation_prompt=True)
+    cuts = re.split("(" + "|".join(re.escape(_SENTINEL.format(i)) for i in range(len(messages))) + ")", skeleton)
+    order = [int(piece[len("\ue000qatune-content-"):-1]) for piece in cuts[1::2]]
+    contents = [messages[i].get("content") or "" for i in order]
+    index, token = first
+    refused = ForgedTurnError(
+        f"message {index} ({messages[index].get('role')}) contains {token!r}, a control token of the tokenizer, "
+        "and this chat template does not render the message content as given, so it cannot be kept as text",
+        hint=f"remove {token!r} from the message (or use a template that inserts message content unchanged)")
+    if sorted(order) != list(range(len(messages))) or \
+            "".join(c if k % 2 == 0 else contents[k // 2] for k, c in enumerate(cuts)) != text:
+        raise refused
+    typed = {tokenizer.convert_tokens_to_ids(t) for c in contents for t in pattern.findall(c)}
+    ids: list[int] = []
+    plain = ""  # markup text between control tokens, and content, tokenized together as the whole text would be
+    for k, piece in enumerate(cuts):
+        if k % 2:
+            plain += contents[k // 2]
+            continue
+        last = 0
+        for found in pattern.finditer(piece):
+            plain += piece[last:found.start()]
+            ids += _as_text(tokenizer, plain, typed, refused)
+            ids.append(tokenizer.convert_tokens_to_ids(found.group()))
+            plain, last = "", found.end()
+        plain += piece[last:]
+    return ids + _as_text(tokenizer, plain, typed, refused)
+
+
+def _as_text(tokenizer: "PreTrainedTokenizerBase", text: str, typed: set[int], refused: ForgedTurnError) -> list[int]:
+    """Tokens of `text` with none of the control tokens `typed` in the messages: special tokens become characters."""
+    if not text:
+        return []
+    ids = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+    if typed.intersection(ids):  # an added non-special token, which the tokenizer does not split
+        raise refused
+    return ids
 
 
 def generate(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", template: str,

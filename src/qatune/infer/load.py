@@ -28,13 +28,6 @@ def inference_tokenizer(model_cfg: "ModelConfig", adapter: str | Path | None = N
     return load_tokenizer(model_cfg, adapter)
 
 
-def trained_template(model_cfg: "ModelConfig", adapter: str | Path | None, template_name: str) -> "ChatTemplate":
-    """The chat template the model + adapter answers with: the training one (data.template, else the tokenizer's)."""
-    from qatune.data.templates import resolve_template
-
-    return resolve_template(inference_tokenizer(model_cfg, adapter), template_name)
-
-
 def load_for_inference(model_cfg: "ModelConfig", runtime: "Runtime", adapter: str | Path | None = None,
                        template_name: str = "auto", template_source: str | None = None,
                        tokenizer: Any = None) -> InferenceModel:

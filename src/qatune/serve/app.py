@@ -9,7 +9,6 @@ no stack trace ever leaves the server.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -20,16 +19,18 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from qatune.serve.guard import RequestGuard, allowed_hosts, error_body
 from qatune.serve.metrics import MetricsMiddleware, ServiceMetrics
 from qatune.serve.protocol import (
     Engine,
+    EngineDown,
     Generation,
     QueueFull,
     Sampling,
@@ -44,6 +45,12 @@ log = logging.getLogger("qatune.serve")
 PAGE = Path(__file__).parent / "static" / "index.html"
 ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/answer"}
 RETRY_AFTER_S = 2
+SEED_RANGE = (-2**63, 2**63 - 1)  # what torch.Generator.manual_seed and vLLM both take
+
+
+def keyed(path: str) -> bool:
+    """Routes behind serve.api_key (the page, /health and /metrics stay open for browsers and probes)."""
+    return path.startswith("/v1/") or path == "/answer"
 
 
 class ApiError(Exception):
@@ -54,8 +61,7 @@ class ApiError(Exception):
             status, message, kind, param, code, headers
 
 
-def _error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+_error_body = error_body
 
 
 # ---- request bodies (unknown fields are ignored, as OpenAI clients send many) -------------------
@@ -81,17 +87,17 @@ class ChatMessage(_Body):
 
 class _Decoding(_Body):
     model: str | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, description="up to 4 non-empty strings")
     stream: bool = False
     n: int = Field(1, ge=1, le=1, description="one answer per request")
-    seed: int | None = None
-    repetition_penalty: float | None = Field(None, ge=1, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    repetition_penalty: float | None = Field(None, ge=1, le=2, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
     stream_options: dict[str, Any] | None = None
 
 
@@ -121,8 +127,13 @@ def create_app(engine: Engine, cfg: "ServeConfig", metrics: ServiceMetrics | Non
         engine.stop()
 
     app = FastAPI(title="qatune", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=ROUTES)  # type: ignore[arg-type]
+    app.add_middleware(RequestGuard, api_key=api_key, keyed=keyed,  # type: ignore[arg-type]
+                       max_body_bytes=cfg.max_body_bytes, read_timeout=cfg.read_timeout,
+                       hosts=allowed_hosts(cfg.host, cfg.allowed_hosts), abuse_refusals=cfg.abuse_refusals,
+                       abuse_delay=cfg.abuse_delay)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=ROUTES)  # type: ignore[arg-type]  # outermost
     app.state.engine, app.state.metrics = engine, metrics
+    admission = _Admission(engine, cfg.max_queue)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -140,67 +151,62 @@ def create_app(engine: Engine, cfg: "ServeConfig", metrics: ServiceMetrics | Non
         return JSONResponse(_error_body(str(exc.detail), "invalid_request_error"), exc.status_code,
                             headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error")  # the trace stays in the server log
-        return JSONResponse(_error_body("internal error; the server log has the details", "server_error"), 500)
-
-    def authorized(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), api_key.encode())):
-            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                           "authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-
-    guarded = [Depends(authorized)]
+    # Unexpected exceptions are answered (500) and logged, throttled, by RequestGuard.
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "engine": engine.kind, "models": list(engine.models),
-                "queue_depth": engine.queue_depth}
+    async def health() -> JSONResponse:
+        """Liveness for probes: 503 once the engine is dead. Model names are on /v1/models, behind the key."""
+        alive = engine.alive
+        return JSONResponse({"status": "ok" if alive else "engine_dead", "engine": engine.kind,
+                             "queue_depth": engine.queue_depth, "in_flight": engine.in_flight + admission.preparing},
+                            200 if alive else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
         metrics.queue.set(engine.queue_depth)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=guarded)
+    @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "qatune",
              "root": name if m.adapter is None else next(iter(engine.models)), "adapter": m.adapter}
             for name, m in engine.models.items()]}
 
-    @app.post("/v1/chat/completions", dependencies=guarded)
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
         model = _model(engine, body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            prompt = chat_prompt(engine, model, messages)
-        except Exception as exc:  # the template refuses this conversation (roles out of order, ...)
-            raise ApiError(400, f"the chat template of {model!r} cannot render these messages: {exc}",
-                           param="messages") from None
-        return await _respond(engine, cfg, metrics, request, body, model, prompt, chat=True)
+        _check_size(cfg, messages, "messages")
+        with admission:  # until the engine has it, then the engine counts it
+            prompt = await _chat_tokens(engine, model, messages)
+            generation = _start(engine, metrics, prompt, _sampling(cfg, engine, body, len(prompt)), model)
+        return await _respond(cfg, metrics, request, body, model, generation, chat=True)
 
-    @app.post("/v1/completions", dependencies=guarded)
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         model = _model(engine, body.model)
-        prompt = engine.tokenizer.encode(body.prompt)
-        if not prompt:
-            raise ApiError(400, "prompt is empty", param="prompt")
-        return await _respond(engine, cfg, metrics, request, body, model, prompt, chat=False)
+        _check_size(cfg, [{"content": body.prompt}], "prompt")
+        with admission:
+            prompt = await asyncio.to_thread(engine.tokenizer.encode, body.prompt)
+            if not prompt:
+                raise ApiError(400, "prompt is empty: give some text to continue", param="prompt")
+            generation = _start(engine, metrics, prompt, _sampling(cfg, engine, body, len(prompt)), model)
+        return await _respond(cfg, metrics, request, body, model, generation, chat=False)
 
-    @app.post("/answer", dependencies=guarded)
+    @app.post("/answer")
     async def answer(body: AnswerRequest, request: Request) -> dict[str, Any]:
         model = _model(engine, body.model)
-        prompt = chat_prompt(engine, model, [{"role": "user", "content": body.question}])
-        sampling = _sampling(cfg, engine, _Decoding(), len(prompt))
-        text, _, usage = await _collect(_start(engine, metrics, prompt, sampling, model), request, cfg, metrics)
+        messages = [{"role": "user", "content": body.question}]
+        _check_size(cfg, messages, "question")
+        with admission:
+            prompt = await _chat_tokens(engine, model, messages, param="question")
+            generation = _start(engine, metrics, prompt, _sampling(cfg, engine, _Decoding(), len(prompt)), model)
+        text, _, usage = await _collect(generation, request, cfg, metrics)
         return {"answer": text, "model": model, "usage": usage}
 
     return app
@@ -216,9 +222,52 @@ def _model(engine: Engine, requested: str | None) -> str:
     if requested is None or requested == "":
         return engine.default_model
     if requested not in engine.models:
-        raise ApiError(404, f"model {requested!r} is not served here; served: {', '.join(engine.models)}",
+        raise ApiError(404, f"model {requested[:100]!r} is not served here; served: {', '.join(engine.models)}",
                        param="model", code="model_not_found")
     return requested
+
+
+class _Admission:
+    """Every admitted request counts against serve.max_queue, from before its tokenization to its last token:
+    `preparing` (tokenizing, here) plus the engine's `in_flight` (submitted, not finished)."""
+
+    def __init__(self, engine: Engine, bound: int) -> None:
+        self.engine, self.bound, self.preparing = engine, bound, 0
+
+    def __enter__(self) -> "_Admission":
+        if self.preparing + self.engine.in_flight >= self.bound:
+            raise ApiError(503, f"the server is busy ({self.bound} requests are already admitted, serve.max_queue); "
+                                "retry in a moment", "server_busy", headers={"Retry-After": str(RETRY_AFTER_S)})
+        self.preparing += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.preparing -= 1
+
+
+def _check_size(cfg: "ServeConfig", messages: list[dict[str, str]], param: str) -> None:
+    """The cheap bounds, before any template or tokenizer runs: message count and characters."""
+    if len(messages) > cfg.max_messages:
+        raise ApiError(413, f"{len(messages)} messages; this server accepts at most {cfg.max_messages} "
+                            "(serve.max_messages)", param=param, code="context_length_exceeded")
+    chars = sum(len(m["content"]) for m in messages)
+    if chars > cfg.max_input_chars:
+        raise ApiError(413, f"the {param} hold {chars} characters; this server accepts at most "
+                            f"{cfg.max_input_chars} (serve.max_input_chars): send a shorter text",
+                       param=param, code="context_length_exceeded")
+
+
+async def _chat_tokens(engine: Engine, model: str, messages: list[dict[str, str]], param: str = "messages") -> list[int]:
+    """The chat prompt's tokens, rendered and tokenized in a worker thread (never on the event loop)."""
+    from qatune.infer.generation import ForgedTurnError
+
+    try:
+        return await asyncio.to_thread(chat_prompt, engine, model, messages)
+    except ForgedTurnError as exc:
+        raise ApiError(400, f"{exc.message}; fix: {exc.hint}", param=param, code="control_token") from None
+    except Exception as exc:  # the template refuses this conversation (roles out of order, ...)
+        raise ApiError(400, f"the chat template of {model!r} cannot render these messages: {str(exc)[:300]}",
+                       param=param) from None
 
 
 def _sampling(cfg: "ServeConfig", engine: Engine, body: _Decoding, prompt_tokens: int) -> Sampling:
@@ -243,6 +292,9 @@ def _sampling(cfg: "ServeConfig", engine: Engine, body: _Decoding, prompt_tokens
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > 4 or any(not s for s in stops):
         raise ApiError(400, "stop takes up to 4 non-empty strings", param="stop")
+    if any(len(s) > cfg.max_stop_chars for s in stops):
+        raise ApiError(400, f"a stop string is longer than this server's limit of {cfg.max_stop_chars} characters "
+                            "(serve.max_stop_chars)", param="stop")
     return Sampling(
         max_new_tokens=max_new,
         temperature=defaults.temperature if body.temperature is None else body.temperature,
@@ -258,6 +310,9 @@ def _start(engine: Engine, metrics: ServiceMetrics, prompt: list[int], sampling:
     except QueueFull as exc:
         raise ApiError(503, f"the server is busy ({exc}); retry in a moment", "server_busy",
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    except EngineDown as exc:
+        raise ApiError(503, f"the server cannot answer: {exc}; it needs a restart (/health says 503)",
+                       "server_error", code="engine_down") from None
     metrics.queue.set(engine.queue_depth)
     metrics.prompt.inc(len(prompt))
     return generation
@@ -303,8 +358,11 @@ async def _collect(generation: Generation, request: Request, cfg: "ServeConfig",
         await asyncio.wait([answer, watcher], return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-        if not answer.done():  # the client left: stop generating for it
+        if not answer.done():  # the client left (or this request was cancelled): stop generating for it
             answer.cancel()
+        # A cancel is only requested above: wait until the task has taken it, so that neither its result
+        # nor its exception is read from a task that is still running (the old 500 with two tracebacks).
+        await asyncio.wait([answer, watcher])
     if answer.cancelled():
         raise ApiError(499, "client closed the request", code="client_closed")
     try:
@@ -319,10 +377,8 @@ def _usage(update: Update) -> dict[str, int]:
             "total_tokens": update.prompt_tokens + update.completion_tokens}
 
 
-async def _respond(engine: Engine, cfg: "ServeConfig", metrics: ServiceMetrics, request: Request, body: _Decoding,
-                   model: str, prompt: list[int], chat: bool) -> Any:
-    sampling = _sampling(cfg, engine, body, len(prompt))
-    generation = _start(engine, metrics, prompt, sampling, model)
+async def _respond(cfg: "ServeConfig", metrics: ServiceMetrics, request: Request, body: _Decoding,
+                   model: str, generation: Generation, chat: bool) -> Any:
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if body.stream:

@@ -24,19 +24,20 @@ from __future__ import annotations
 
 import logging
 import threading
-import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from qatune.serve.protocol import QueueFull, Sampling, Update
+from qatune.serve.guard import ThrottledLog
+from qatune.serve.protocol import EngineDown, QueueFull, Sampling, Update
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger("qatune.serve")
+STEP_FAILED = ThrottledLog(log)  # a step that fails for every batch logs one traceback a minute
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 GREEDY_BELOW = 1e-5  # a temperature this small is greedy (as in vLLM): dividing by it overflows
 
@@ -82,6 +83,7 @@ class ContinuousBatcher:
         self._mask: "torch.Tensor | None" = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._active = 0  # submitted and not yet finished: what max_queue bounds
 
     # -- public, any thread -------------------------------------------------------------------
     @property
@@ -92,13 +94,30 @@ class ContinuousBatcher:
     def running(self) -> int:
         return len(self._running)
 
-    def submit(self, request: Request) -> None:
-        """Queue a request; QueueFull when `max_queue` requests are already waiting or running."""
+    @property
+    def active(self) -> int:
+        """Requests submitted and not finished (waiting, being admitted or running), less those that wait
+        after their client left (the next submit drops them)."""
         with self._wake:
-            if len(self._waiting) + len(self._running) >= self.max_queue:  # requests whose client left go first
-                self._waiting = deque(r for r in self._waiting if not r.cancelled.is_set())
-            if len(self._waiting) + len(self._running) >= self.max_queue:
+            return self._active - sum(1 for r in self._waiting if r.cancelled.is_set())
+
+    @property
+    def alive(self) -> bool:
+        """The engine thread runs (False before `start`, after `stop` and once it died)."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; QueueFull when `max_queue` requests are already submitted and not finished."""
+        with self._wake:
+            if self._thread is not None and not self.alive:
+                raise EngineDown("the engine thread has stopped")
+            if self._active >= self.max_queue:  # requests whose client left go first
+                for gone in [r for r in self._waiting if r.cancelled.is_set()]:
+                    self._waiting.remove(gone)
+                    gone.on_update(Update(finish_reason="cancelled", prompt_tokens=len(gone.prompt_ids)))
+            if self._active >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting or running")
+            self._count(request)
             if request.sampling.seed is not None:
                 import torch
 
@@ -117,8 +136,36 @@ class ContinuousBatcher:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
+    def _count(self, request: Request) -> None:
+        """Count `request` as active until its final update (with a finish reason) is sent."""
+        tell, done = request.on_update, threading.Event()
+
+        def on_update(update: Update) -> None:
+            if update.finish_reason and not done.is_set():
+                done.set()
+                with self._wake:
+                    self._active -= 1
+            tell(update)
+
+        request.on_update = on_update
+        self._active += 1
+
     # -- the engine thread ----------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._steps()
+        except BaseException as exc:  # the thread dies: /health says so, and no request waits for it
+            STEP_FAILED.last = -STEP_FAILED.interval  # this one is always told
+            STEP_FAILED.error("the engine thread died", exc)
+            with self._wake:
+                self._stopping = True
+                pending, self._waiting = list(self._waiting) + self._running, deque()
+            for r in {id(r): r for r in pending}.values():
+                r.on_update(Update(finish_reason="error", error="the engine thread died; the server must restart",
+                                   prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.generated)))
+            self._running, self._cache, self._mask = [], None, None
+
+    def _steps(self) -> None:
         import torch
 
         with torch.inference_mode():
@@ -140,7 +187,7 @@ class ContinuousBatcher:
                     else:
                         continue  # every admitted request had been cancelled
                 except Exception as exc:  # one bad step must not take the service down
-                    log.error("generation step failed:\n%s", traceback.format_exc())
+                    STEP_FAILED.error("generation step failed", exc)
                     for r in {id(r): r for r in self._running + admitted}.values():  # admitted may be running
                         r.on_update(Update(finish_reason="error", error=f"{type(exc).__name__}: {exc}"[:300],
                                            prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.generated)))

@@ -57,6 +57,14 @@ class LocalEngine:
     def queue_depth(self) -> int:
         return self.batcher.waiting
 
+    @property
+    def in_flight(self) -> int:
+        return self.batcher.active
+
+    @property
+    def alive(self) -> bool:
+        return self.batcher.alive
+
     def start(self) -> None:
         self.batcher.start()
 

@@ -15,7 +15,7 @@ from qatune.errors import QatuneError
 if TYPE_CHECKING:
     from qatune.data.templates import ChatTemplate
 
-__all__ = ["Engine", "Generation", "QueueFull", "Sampling", "ServeError", "ServedModel", "Update", "chat_prompt"]
+__all__ = ["Engine", "EngineDown", "Generation", "QueueFull", "Sampling", "ServeError", "ServedModel", "Update", "chat_prompt"]
 
 
 class ServeError(QatuneError):
@@ -24,6 +24,10 @@ class ServeError(QatuneError):
 
 class QueueFull(Exception):
     """More requests are waiting or running than the engine accepts."""
+
+
+class EngineDown(Exception):
+    """The engine stopped or died: no request can be answered until the service restarts."""
 
 
 @dataclass
@@ -90,14 +94,26 @@ class Engine(Protocol):
     max_positions: int | None
 
     @property
-    def queue_depth(self) -> int: ...
+    def queue_depth(self) -> int:
+        """Requests waiting for a place in the running batch."""
+        ...
+
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and not finished: what serve.max_queue bounds."""
+        ...
+
+    @property
+    def alive(self) -> bool:
+        """The engine can still answer (False when its thread or process died)."""
+        ...
 
     def start(self) -> None: ...
 
     def stop(self) -> None: ...
 
     def generate(self, prompt_ids: list[int], sampling: Sampling, model: str) -> Generation:
-        """Start a generation (raises QueueFull when the queue is full)."""
+        """Start a generation (raises QueueFull when the queue is full, EngineDown when the engine died)."""
         ...
 
 

@@ -143,6 +143,7 @@ def run(plan: ServePlan, components: ServeComponents) -> ServeResult:
     import uvicorn
 
     from qatune.serve.app import create_app
+    from qatune.serve.connections import uvicorn_options
 
     engine, cfg = components.engine, plan.config.serve
     engine.start()
@@ -150,7 +151,7 @@ def run(plan: ServePlan, components: ServeComponents) -> ServeResult:
     plan.runtime.console.print(f"Serving {', '.join(engine.models)} (engine {engine.kind}) on {plan.url}  "
                                f"chat page: /  API: /v1/chat/completions  metrics: /metrics",
                                highlight=False, soft_wrap=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, timeout_graceful_shutdown=5, **uvicorn_options(cfg))
     return ServeResult(plan.url, engine.kind, tuple(engine.models))
 
 

@@ -13,6 +13,7 @@ import itertools
 from typing import TYPE_CHECKING, Any
 
 from qatune.serve.protocol import (
+    EngineDown,
     Generation,
     QueueFull,
     Sampling,
@@ -75,6 +76,14 @@ class VLLMEngine:
     def queue_depth(self) -> int:
         return self._in_flight
 
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def alive(self) -> bool:
+        return not getattr(self.llm, "errored", False)
+
     def start(self) -> None:
         """vLLM starts its own loop with the first request."""
 
@@ -88,6 +97,8 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
         from vllm.lora.request import LoRARequest
 
+        if not self.alive:
+            raise EngineDown("vLLM's engine has failed")
         if self._in_flight >= self.max_queue:
             raise QueueFull(f"{self.max_queue} requests are already waiting or running")
         served = self.models[model]
@@ -106,8 +117,9 @@ class VLLMEngine:
 
         generation = Generation(asyncio.get_running_loop(), cancel)
 
+        self._in_flight += 1  # counted from now, not from when the task first runs
+
         async def run() -> None:
-            self._in_flight += 1
             sent, tokens = "", 0
             try:
                 async for output in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id,
@@ -126,8 +138,10 @@ class VLLMEngine:
             except Exception as exc:  # reported to this request only; the engine goes on
                 generation.deliver(Update(finish_reason="error", error=f"{type(exc).__name__}: {exc}"[:300],
                                           prompt_tokens=len(prompt_ids), completion_tokens=tokens))
-            finally:
-                self._in_flight -= 1
+
+        def finished(_: asyncio.Future) -> None:  # also when cancelled before it ever ran
+            self._in_flight -= 1
 
         task_holder.append(asyncio.ensure_future(run()))
+        task_holder[0].add_done_callback(finished)
         return generation
