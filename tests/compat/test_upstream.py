@@ -76,6 +76,22 @@ def test_attention_implementation_is_put_back(tiny_model_dir) -> None:
     assert model.config._attn_implementation == before
 
 
+def test_the_forward_takes_its_cache_by_the_keyword_we_pass(tiny_model_dir) -> None:
+    from transformers import DynamicCache
+
+    from qatune.compat.transformers import cache_keyword
+    from qatune.config import ModelConfig
+    from qatune.models import load_model
+
+    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir)), dtype=torch.float32).eval()
+    keyword = cache_keyword(model)
+    assert keyword in inspect.signature(model.forward).parameters
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True, **{keyword: cache})
+    assert cache.get_seq_length() == 3, "the cache we passed is the one filled"
+
+
 def test_progress_bars_are_restored() -> None:
     from transformers.utils import logging
 

@@ -1,5 +1,5 @@
 """transformers: the attention registry, a model's attention implementation, the Trainer's private
-methods qatune overrides, and the progress-bar switch.
+methods qatune overrides, the forward's cache keyword, and the progress-bar switch.
 
 Imported by the train stage only, inside its functions (it imports the Trainer at the top)."""
 
@@ -50,6 +50,15 @@ def progress_bars_off() -> AbstractContextManager[None]:
     from qatune.compat.process import switched_off
 
     return switched_off(logging.is_progress_bar_enabled, logging.disable_progress_bar, logging.enable_progress_bar)
+
+
+def cache_keyword(model: Any) -> str:
+    """The keyword a causal LM's forward takes its KV cache by: `cache` from transformers 5.2x (where
+    `past_key_values` warns on every call), `past_key_values` before."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 def tokens_seen_this_run(trainer: Trainer) -> int:

@@ -75,6 +75,9 @@ class ContinuousBatcher:
         self.pad_id = pad_id
         self.on_step = on_step  # (waiting, running, tokens generated this step) for metrics
         self.mixed_adapters = hasattr(model, "peft_config")
+        from qatune.compat.transformers import cache_keyword
+
+        self.cache_keyword = cache_keyword(model)  # the forward's KV-cache argument in this transformers
         self.device = next(model.parameters()).device
         self._waiting: deque[Request] = deque()
         self._wake = threading.Condition()
@@ -207,8 +210,9 @@ class ContinuousBatcher:
                  rows: list[Request]) -> "torch.Tensor":
         """Logits of the last position of each row."""
         extra = {"adapter_names": [r.adapter or BASE_ADAPTER for r in rows]} if self.mixed_adapters else {}
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1, **extra)
+        extra[self.cache_keyword] = cache
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1, **extra)
         return out.logits[:, -1, :].float()
 
     def _prefill(self, admitted: list[Request]) -> None:
