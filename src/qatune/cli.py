@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", metavar="DIR", help="output folder (export.output_dir); must be empty")
     exp.add_argument("--gguf", choices=["f16", "q8_0"], help="also write a GGUF file and an Ollama Modelfile")
     exp.add_argument("--quantize", choices=["int8", "bnb-8bit", "bnb-4bit"],
-                     help="also write a quantized copy (int8 on CPU; bnb-* on a CUDA GPU)")
+                     help="also write a quantized copy (int8: torchao; bnb-*: bitsandbytes, CUDA or CPU)")
     exp.add_argument("--force", action="store_true", help="replace a non-empty output folder")
 
     decoding = "Decoding follows serve.decoding: temperature (0.7), top_p (0.9), repetition_penalty, " \

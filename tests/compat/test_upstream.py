@@ -177,7 +177,18 @@ def test_uvicorns_h11_protocol_keeps_what_the_head_deadline_relies_on() -> None:
     assert all(f"self.{attribute}" in source for attribute in ("cycle", "transport", "loop"))
 
 
-@pytest.mark.parametrize("module", ["torch", "transformers", "peft", "datasets", "process", "uvicorn"])
+def test_bitsandbytes_4bit_layers_keep_the_cpu_kernel_switch() -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+
+    from qatune.compat.bitsandbytes import keep_4bit_weights_differentiable
+
+    layer = torch.nn.Sequential(bnb.nn.Linear4bit(8, 8))
+    assert hasattr(layer[0], "support_avx512bf16_for_cpu"), "bitsandbytes renamed the switch qlora turns off"
+    assert keep_4bit_weights_differentiable(layer) == 1 and layer[0].support_avx512bf16_for_cpu is False
+
+
+@pytest.mark.parametrize("module", ["torch", "transformers", "peft", "datasets", "process", "uvicorn",
+                                    "bitsandbytes"])
 def test_every_compat_module_is_documented(module) -> None:
     import importlib
 

@@ -133,16 +133,22 @@ def test_int8_copy_answers_and_is_smaller(exported):
     assert [p.name for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")] == []
 
 
-def test_refusals_write_nothing(tiny_model_dir, tmp_path, default_adapter):
+def test_refusals_write_nothing(tiny_model_dir, tmp_path, default_adapter, monkeypatch):
+    import importlib.util
+
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    cpu = _quiet("cpu")  # the CUDA refusal holds on any machine
+    cpu = _quiet("cpu")
     base = [f"model={json.dumps(str(tiny_model_dir))}", f"export.output_dir={out}"]
     with pytest.raises(ExportError, match="is not empty"):
         export(load_config(None, base), cpu)
-    with pytest.raises(ExportError, match="needs a CUDA GPU"):
-        export(load_config(None, base + ["export.overwrite=true", "export.quantize=bnb-4bit"]), cpu)
+    real = importlib.util.find_spec  # bitsandbytes missing: the one place bnb-* cannot run
+    with monkeypatch.context() as patch:
+        patch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+        with pytest.raises(ExportError, match="needs the bitsandbytes package") as info:
+            export(load_config(None, base + ["export.overwrite=true", "export.quantize=bnb-4bit"]), cpu)
+        assert "qatune[qlora]" in str(info.value) and "--quantize int8" in str(info.value)
     with pytest.raises(ExportError, match="not an adapter folder"):
         export(load_config(None, base + ["export.overwrite=true", f"export.adapter={tmp_path}"]), cpu)
     # An adapter trained on the default model does not fit the tiny one: found while loading, before staging.
@@ -248,3 +254,31 @@ def test_plan_decides_and_touches_nothing(tiny_model_dir, default_adapter, tmp_p
     auto = recipe.plan(load_config(None, [f"model={json.dumps(str(tiny_model_dir))}",
                                           f"export.output_dir={tmp_path / 'new'}"]), _quiet("cpu"))
     assert auto.save_dtype is None and not auto.deletes_existing and auto.adapter is None
+
+
+@pytest.mark.parametrize("kind", ["bnb-4bit", "bnb-8bit"])
+def test_bnb_copy_on_cpu_loads_and_answers(tiny_model_dir, tmp_path, kind):
+    """bitsandbytes' CPU backend (>= 0.50): the quantized copy is written, loads back quantized and answers."""
+    pytest.importorskip("bitsandbytes", reason="--quantize bnb-* needs bitsandbytes (pip install 'qatune[qlora]')")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "out"
+    result = export(load_config(None, [f"model={json.dumps(str(tiny_model_dir))}", f"export.output_dir={out}",
+                                       f"export.quantize={kind}", "export.check_max_new_tokens=6"]), _quiet("cpu"))
+    check = result.report["checks"][kind]
+    # The check answered every question with the copy (the tiny random model's greedy answers are empty text).
+    assert check["questions"] == len(check["answers"]) == 2
+    folder = out / kind
+    assert (folder / "model.safetensors").is_file() and result.report["files"][kind] > 0
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu").eval()
+    layer = type(model.model.layers[0].self_attn.q_proj).__name__
+    assert layer == ("Linear4bit" if kind == "bnb-4bit" else "Linear8bitLt")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert len(_greedy_ids(model, tokenizer, QUESTIONS[0], 6)) == 6
+    # It computes what the fp32 model computes, up to the rounding of its weights.
+    probe = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356]])
+    full = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got, want = model(probe).logits.float().flatten(), full(probe).logits.float().flatten()
+    assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.95
+    assert [p.name for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")] == []

@@ -19,11 +19,16 @@ def test_train_without_a_config_file(tmp_path, tiny_model_dir, qa_file, capsys) 
     assert report["global_step"] == 1 and report["model"] == str(tiny_model_dir)
 
 
-def test_train_error_is_one_message(tmp_path, tiny_model_dir, qa_file, capsys) -> None:
+def test_train_error_is_one_message(tmp_path, tiny_model_dir, qa_file, capsys, monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec  # qlora where bitsandbytes is not installed
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     code = main(["train", "--model", str(tiny_model_dir), "--data", str(qa_file), "method.name=qlora",
                  f"train.output_dir={tmp_path / 'r'}"])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error: method qlora needs a CUDA GPU") and "Traceback" not in err
+    assert code == 2 and err.startswith("error: method qlora needs the bitsandbytes package") and "Traceback" not in err
+    assert "qatune[qlora]" in err and not (tmp_path / "r").exists()
 
 
 def test_out_of_memory_is_recognised_on_cpu_and_gpu() -> None:

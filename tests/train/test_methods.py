@@ -77,7 +77,27 @@ def test_prefix_trains_virtual_tokens_only(tiny_model) -> None:
     assert trainable(model) and all("prompt_encoder" in n for n in trainable(model))
 
 
-def test_qlora_without_cuda_stops_before_loading() -> None:
-    with pytest.raises(MethodError, match="needs a CUDA GPU") as info:
+def _without_bitsandbytes(monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+
+
+def test_qlora_runs_where_bitsandbytes_does_and_says_why_not_elsewhere(monkeypatch) -> None:
+    from importlib import metadata
+
+    pytest.importorskip("bitsandbytes")
+    for device in ("cpu", "cuda"):  # bitsandbytes >= 0.50 has a CPU backend
+        check_method_here(MethodConfig(name="qlora"), device)
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "0.45.5" if name == "bitsandbytes" else real(name))
+    with pytest.raises(MethodError, match="needs bitsandbytes>=0.50") as info:
         check_method_here(MethodConfig(name="qlora"), "cpu")
-    assert "method.name=lora" in str(info.value)
+    assert "0.45.5 is installed" in str(info.value) and "pip install -U" in str(info.value)
+    check_method_here(MethodConfig(name="qlora"), "cuda")  # older releases ran on CUDA
+    monkeypatch.undo()
+    _without_bitsandbytes(monkeypatch)
+    with pytest.raises(MethodError, match="needs the bitsandbytes package") as info:
+        check_method_here(MethodConfig(name="qlora"), "cpu")
+    assert "qatune[qlora]" in str(info.value) and "method.name=lora" in str(info.value)

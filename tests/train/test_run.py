@@ -108,9 +108,14 @@ def test_resume_with_a_changed_config_names_the_keys(tmp_path, tiny_model_dir, q
     assert "max_steps" not in str(info.value)  # extending a run is allowed
 
 
-def test_hardware_and_setup_errors_come_before_loading(tmp_path, tiny_model_dir, qa_file) -> None:
-    with pytest.raises(MethodError, match="needs a CUDA GPU"):
-        train(tiny_config(tmp_path, tiny_model_dir, qa_file, "method.name=qlora"))
+def test_hardware_and_setup_errors_come_before_loading(tmp_path, tiny_model_dir, qa_file, monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec  # qlora where bitsandbytes is not installed
+    with monkeypatch.context() as patch:
+        patch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+        with pytest.raises(MethodError, match="method qlora needs the bitsandbytes package"):
+            train(tiny_config(tmp_path, tiny_model_dir, qa_file, "method.name=qlora"))
     with pytest.raises(TrainError, match="fp16 on CPU"):
         train(tiny_config(tmp_path, tiny_model_dir, qa_file, "train.precision=fp16"))
     with pytest.raises(TrainError, match="needs eval data"):

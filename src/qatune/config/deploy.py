@@ -81,7 +81,8 @@ class ExportConfig(Section):
         None, description="Also write a GGUF file for llama.cpp and Ollama (with a Modelfile): f16 or q8_0."
     )
     quantize: Literal["int8", "bnb-8bit", "bnb-4bit"] | None = Field(
-        None, description="Also write a quantized copy: int8 (torchao dynamic, CPU), bnb-8bit or bnb-4bit (CUDA)."
+        None, description="Also write a quantized copy: int8 (torchao dynamic, CPU), bnb-8bit or bnb-4bit (bitsandbytes >= 0.50: CUDA "
+        "or CPU)."
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Dtype of the merged safetensors; `auto` keeps the base model's own."

@@ -30,7 +30,12 @@ class ModelConfig(Section):
 class MethodConfig(Section):
     """How the model is adapted."""
 
-    name: Literal["lora", "qlora", "full", "freeze", "prefix"] = Field("lora", description="Fine-tuning method.")
+    name: Literal["lora", "qlora", "full", "freeze", "prefix"] = Field(
+        "lora", description="Fine-tuning method. `lora`: low-rank adapters on a frozen base in the compute dtype. "
+        "`qlora`: the same adapters on a 4-bit NF4 base (bitsandbytes, on a CUDA GPU or, with bitsandbytes>=0.50, "
+        "the CPU; the adapter merges into the unquantized base). `full`: every weight. `freeze`: the last decoder "
+        "layers (or named modules). `prefix`: prefix tuning (virtual tokens).",
+    )
     lora_rank: int = Field(16, ge=1, description="LoRA rank r.")
     lora_alpha: float = Field(32, gt=0, description="LoRA scaling alpha.")
     lora_dropout: float = Field(

@@ -40,6 +40,15 @@ class TrainConfig(Section):
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Learning-rate schedule."
     )
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adamw_8bit", "lion_8bit",
+                       "paged_adamw_8bit"] = Field(
+        "adamw_torch",
+        description="The optimiser, by its transformers `optim` name. `adamw_torch`: AdamW, fp32 state (8 bytes per "
+        "trainable parameter). `adamw_torch_fused`: the same in one fused kernel (CPU and CUDA). `adafactor`: factored "
+        "second moments, little state. `sgd`: plain SGD, no state. `adamw_8bit` / `lion_8bit` (bitsandbytes, CPU and "
+        "CUDA): block-wise 8-bit state, about a quarter of AdamW's (2 bytes per parameter; lion 1). "
+        "`paged_adamw_8bit`: adamw_8bit whose state pages to CPU memory under GPU memory pressure (CUDA only).",
+    )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="`auto`: bf16 where the hardware has it (CUDA, or a CPU with AVX512-BF16/AMX), "
         "fp16 on older GPUs, else fp32; never fp16 on CPU.",

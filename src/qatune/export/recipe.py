@@ -91,11 +91,12 @@ def plan(config: QatuneConfig, runtime: Runtime) -> ExportPlan:
                           hint="choose another --out (a new folder)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
         raise ExportError(f"the output folder {out} is not empty", hint="choose another --out, or pass --force")
-    if cfg.quantize in ("bnb-8bit", "bnb-4bit"):
-        if runtime.device != "cuda":
-            raise ExportError(f"--quantize {cfg.quantize} needs a CUDA GPU (bitsandbytes); this machine has none",
-                              hint="use --quantize int8 on CPU, or run the export on a GPU machine")
-        _require("bitsandbytes", f"--quantize {cfg.quantize}")
+    if cfg.quantize in ("bnb-8bit", "bnb-4bit"):  # bitsandbytes runs on CUDA and (>=0.50) on the CPU
+        from qatune.train.methods import bitsandbytes_problem
+
+        problem = bitsandbytes_problem(runtime.device, f"--quantize {cfg.quantize}")
+        if problem:
+            raise ExportError(problem[0], hint=f"{problem[1]}; or use --quantize int8")
     if cfg.quantize == "int8":
         _require("torchao", "--quantize int8")
     adapter = None
@@ -233,7 +234,8 @@ def _write_export(plan: ExportPlan, parts: ExportComponents, folder: Path) -> di
         checks["gguf"]["pre_tokenizer"] = pre or "default"
         console.print(f"Wrote {name} and an Ollama {MODELFILE}")
     if cfg.quantize:
-        checks[cfg.quantize] = _quantize(folder, cfg.quantize, tokenizer, template, questions, cfg, merged_answers)
+        checks[cfg.quantize] = _quantize(folder, cfg.quantize, tokenizer, template, questions, cfg, merged_answers,
+                                         plan.runtime.compute_dtype())
         console.print(f"Wrote the {cfg.quantize} copy to {QUANTIZED_DIRS[cfg.quantize]}/")
 
     return {"qatune_version": __version__, "model": plan.config.model.name_or_path,
@@ -267,8 +269,9 @@ def _read_back(folder: Path, gguf_file: str | None = None) -> Any:
 
 
 def _quantize(folder: Path, kind: str, tokenizer: Any, template: Any, questions: list, cfg: Any,
-              merged_answers: list[str]) -> dict[str, Any]:
-    """A quantized copy of the merged folder in a subfolder that `from_pretrained` loads as it is."""
+              merged_answers: list[str], compute_dtype: Any) -> dict[str, Any]:
+    """A quantized copy of the merged folder in a subfolder that `from_pretrained` loads as it is
+    (bnb-4bit computes in `compute_dtype`: bf16 only where it is native)."""
     import logging
 
     import torch
@@ -295,7 +298,7 @@ def _quantize(folder: Path, kind: str, tokenizer: Any, template: Any, questions:
 
         quantization = (BitsAndBytesConfig(load_in_8bit=True) if kind == "bnb-8bit" else
                         BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                           bnb_4bit_compute_dtype=torch.bfloat16))
+                                           bnb_4bit_compute_dtype=compute_dtype))
         model = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=quantization, device_map="auto")
         model.save_pretrained(target)
     tokenizer.save_pretrained(target)

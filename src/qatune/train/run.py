@@ -34,6 +34,7 @@ from qatune.recipe import execute
 from qatune.train import report as train_report
 from qatune.train.arguments import (
     check_distributed,
+    check_optimizer,
     check_reporter,
     resolve_precision,
     training_arguments,
@@ -123,6 +124,7 @@ def plan(config: QatuneConfig, runtime: "Runtime", callbacks: Sequence[Any] = ()
     cfg = config.train
     check_method_here(config.method, runtime.device)
     check_distributed(cfg.distributed, runtime.device)
+    check_optimizer(cfg.optimizer, runtime.device)
     precision, warning = resolve_precision(cfg.precision, runtime)
     if warning:
         runtime.console.print(f"[yellow]{warning}[/yellow]")
@@ -238,7 +240,8 @@ def run(plan: TrainPlan, c: TrainComponents) -> TrainResult:
         raise TrainError(
             f"out of memory at step {c.trainer.state.global_step} (batch {cfg.per_device_batch_size} x up to "
             f"{config.data.max_length} tokens)" + (f"; last checkpoint {last[-1]}" if last else ""),
-            hint="try method.name=qlora (GPU), train.gradient_checkpointing=true, a smaller "
+            hint="try method.name=qlora (4-bit base), train.gradient_checkpointing=true, "
+                 "train.optimizer=adamw_8bit, a smaller "
                  "train.per_device_batch_size with more gradient_accumulation_steps, or a lower data.max_length",
         ) from None
     state = c.trainer.state
