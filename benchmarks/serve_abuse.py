@@ -26,34 +26,18 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+from servers import free_port, start_server
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = ["What should I do when I have a fever?", "感冒了应该注意什么？", "How long should I rest after a cold?",
              "What is high blood pressure?", "高血压是什么？", "Is it safe to exercise with a cough?"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(model: str, clients: int, max_tokens: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [str(REPO / ".venv" / "bin" / "qatune"), "serve", "--model", model, "--port", str(port),
                "serve.decoding.temperature=0", f"serve.max_batch_size={clients}", f"serve.max_tokens={max_tokens}"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited: {process.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    raise SystemExit("the server did not start")
+    return start_server(command, port, "qatune")
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 import httpx
+from servers import free_port, start_server
 from pydantic import BaseModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,33 +71,16 @@ def naive_app(model: str, max_tokens: int):
     return app
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(kind: str, model: str, max_tokens: int, clients: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     if kind == "qatune":
         command = [str(REPO / ".venv" / "bin" / "qatune"), "serve", "--model", model, "--port", str(port),
-                   "serve.decoding.temperature=0", f"serve.decoding.max_new_tokens={max_tokens}", f"serve.max_batch_size={clients}",
-                   "serve.request_timeout=600"]
+                   "serve.decoding.temperature=0", f"serve.decoding.max_new_tokens={max_tokens}",
+                   f"serve.max_batch_size={clients}", "serve.request_timeout=600"]
     else:
         command = [sys.executable, __file__, "--naive-server", str(port), "--model", model,
                    "--max-tokens", str(max_tokens)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"{kind} server exited: {process.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    raise SystemExit(f"{kind} server did not start")
+    return start_server(command, port, kind)
 
 
 def ask(client: httpx.Client, question: str) -> float:
