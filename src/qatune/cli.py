@@ -96,6 +96,15 @@ def cmd_data_check(ns: argparse.Namespace) -> int:
     return 1 if result.errors else 0
 
 
+ENDPOINT_FLAG_KEYS = {"endpoint": "endpoint.url", "endpoint_model": "endpoint.model"}
+
+
+def _endpoint_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--endpoint", metavar="URL", help="an OpenAI-compatible API (…/v1) writes instead of the "
+                        "local model (endpoint.url)")
+    parser.add_argument("--endpoint-model", metavar="NAME", help="the model name the endpoint serves (endpoint.model)")
+
+
 def _print_synth(result, console) -> None:
     by_reason = ", ".join(f"{n} {r}" for r, n in result.log.by_reason().items()) or "none"
     console.print(result.summary)
@@ -113,6 +122,41 @@ def cmd_data_from_docs(ns: argparse.Namespace) -> int:
                          hint="qatune data from-docs DIR [CONFIG] [KEY=VALUE ...]")
     runtime = _runtime()
     _print_synth(from_docs(_config(ns, plain[1:]), plain[0], runtime), runtime.console)
+    return 0
+
+
+def cmd_data_answer(ns: argparse.Namespace) -> int:
+    from qatune.synth.answer import answer
+
+    plain, _ = _positionals(ns.args)
+    if not plain:
+        raise UsageError("qatune data answer needs the question list (.txt, one a line, or .jsonl)",
+                         hint="qatune data answer QUESTIONS [CONFIG] [KEY=VALUE ...] [--endpoint URL "
+                              "--endpoint-model NAME]")
+    runtime = _runtime()
+    _print_synth(answer(_config(ns, plain[1:]), plain[0], runtime), runtime.console)
+    return 0
+
+
+def cmd_data_feedback(ns: argparse.Namespace) -> int:
+    from qatune.data.feedback import feedback
+
+    plain, _ = _positionals(ns.args)
+    sheets = [p for p in plain if p.lower().endswith((".csv", ".tsv"))]
+    if not sheets:
+        raise UsageError("qatune data feedback needs at least one filled review sheet (.csv)",
+                         hint="qatune data feedback REVIEW_SHEET.csv [MORE.csv ...] [CONFIG] [KEY=VALUE ...]")
+    result = feedback(_config(ns, [p for p in plain if p not in sheets]), sheets)
+    r = result.report
+    dropped = ", ".join(f"{n} {k}" for k, n in r["dpo_dropped"].items()) or "none"
+    unused = ", ".join(f"{n} {k}" for k, n in r["unused_rows"].items()) or "none"
+    agree = r["agreement"]
+    print(f"{r['rows']} rows, {r['answers']} answers to {r['questions']} questions: {r['dpo_pairs']} DPO pairs "
+          f"(left out: {dropped}), {r['kto_examples']} KTO examples, {r['sft_records']} SFT corrections.")
+    if agree["pairs_compared"]:
+        print(f"Reviewer agreement on {agree['answers_scored_by_several']} answers: {agree['exact']:.0%} exact, "
+              f"{agree['within_one']:.0%} within one point.")
+    print(f"Rows not used: {unused} (each in {result.output_dir / 'unused.jsonl'}). Wrote {result.output_dir}/.")
     return 0
 
 
@@ -210,6 +254,10 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     result = evaluate(config, specs, runtime=runtime)
     report.print_summary(result.report, runtime.console)
     runtime.console.print(f"Wrote {result.output_dir}/ ({', '.join(result.report['files'])})")
+    gate = result.report.get("gate")
+    if gate is not None and not gate["passed"]:  # a pipeline promotes only what passed: a distinct exit code
+        print("the promotion gate failed:\n" + "\n".join(f"- {r}" for r in gate["reasons"]), file=sys.stderr)
+        return 3
     return 0
 
 
@@ -231,6 +279,12 @@ def _eval_summarize(args: list[str]) -> int:
                       "-" if g["median"] is None else f"{g['median']:g}",
                       *(str(g["distribution"][str(s)]) for s in range(1, 6)))
     Console().print(table)
+    for g in summary["groups"]:
+        if "judge_agreement" in g:  # eval.judge scored the same answers
+            a = g["judge_agreement"]
+            rho = "-" if a["spearman"] is None else f"{a['spearman']:.2f}"
+            print(f"{g['set']} {g['model']}: expert vs judge on {a['pairs']} answers: {a['exact']:.0f}% equal, "
+                  f"{a['within_one']:.0f}% within one point, Spearman {rho}")
     return 0
 
 
@@ -241,7 +295,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
     runtime = _runtime()
     result = export(config, runtime)
     print_summary(result.report, runtime.console)
-    runtime.console.print(f"Wrote {result.output_dir}/ (report: {result.output_dir}/export_report.json)")
+    runtime.console.print(f"Wrote {result.output_dir}/ (report: {result.output_dir}/export_report.json and .md)")
     return 0
 
 
@@ -279,6 +333,13 @@ def cmd_serve(ns: argparse.Namespace) -> int:
             adapters[name or folder.rstrip("/").rsplit("/", 1)[-1]] = folder  # a bare folder: its own name
         ns.adapter = adapters
     serve(_config(ns), _runtime())
+    return 0
+
+
+def cmd_studio(ns: argparse.Namespace) -> int:
+    from qatune.studio.app import serve_studio
+
+    serve_studio(ns.workspace, ns.host, ns.port, ns.token or os.environ.get("QATUNE_STUDIO_TOKEN"))
     return 0
 
 
@@ -323,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     chk = data_cmds.add_parser("check", help="validate a data file or folder without writing; list every problem")
     chk.add_argument("file", help="data file, folder, or LLaMA-Factory dataset_info.json (with --dataset)")
     chk.add_argument("--format", default="auto",
-                     choices=["auto", "alpaca", "qa", "input_target", "sharegpt", "messages", "text"])
+                     choices=["auto", "alpaca", "qa", "input_target", "sharegpt", "messages", "text", "preference",
+                              "kto"])
     chk.add_argument("--dataset", default=None, help="names in a LLaMA-Factory registry, comma-separated")
     chk.add_argument("--encoding", default="utf-8", help="text encoding, e.g. gb18030")
     chk.set_defaults(run=cmd_data_check)
@@ -341,9 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     docs.add_argument("--prompt", metavar="FILE", help="prompt template file (from_docs.prompt)")
     docs.add_argument("--against", action="append", metavar="FILE", help="existing data to deduplicate against")
     docs.add_argument("--force", action="store_true", help="replace an existing output file")
+    _endpoint_flags(docs)
     docs.set_defaults(run=cmd_data_from_docs, flag_keys={
         "model": "model.name_or_path", "out": "from_docs.output", "prompt": "from_docs.prompt",
-        "against": "from_docs.against", "force": "from_docs.overwrite"})
+        "against": "from_docs.against", "force": "from_docs.overwrite", **ENDPOINT_FLAG_KEYS})
     aug = data_cmds.add_parser(
         "augment", help="add question paraphrases generated by a model, deduplicated, with provenance",
         description="Asks the model for paraphrases of every single-turn question of the data (--data, default "
@@ -358,9 +421,41 @@ def build_parser() -> argparse.ArgumentParser:
     aug.add_argument("--prompt", metavar="FILE", help="prompt template file (augment.prompt)")
     aug.add_argument("--per-question", type=int, metavar="N", help="paraphrases kept per question at most")
     aug.add_argument("--force", action="store_true", help="replace an existing output file")
+    _endpoint_flags(aug)
     aug.set_defaults(run=cmd_data_augment, flag_keys={
         "model": "model.name_or_path", "data": "data.sources", "out": "augment.output", "prompt": "augment.prompt",
-        "per_question": "augment.per_question", "force": "augment.overwrite"})
+        "per_question": "augment.per_question", "force": "augment.overwrite", **ENDPOINT_FLAG_KEYS})
+    ans = data_cmds.add_parser(
+        "answer", help="a teacher (the model, or an OpenAI-compatible endpoint) answers a question list",
+        description="Sequence-level distillation: every question of QUESTIONS (.txt, one a line, or .jsonl with "
+        "a `question` field) is answered by the model (--model) or by an OpenAI-compatible endpoint (--endpoint "
+        "URL --endpoint-model NAME, key from the variable endpoint.api_key_env names), and written as a qa JSONL "
+        "with `provenance` {teacher, prompt, source}, plus FILE.report.json and FILE.dropped.jsonl. A stopped "
+        "run resumes: answered questions are skipped.",
+    )
+    ans.add_argument("args", nargs="*", metavar="QUESTIONS [CONFIG] [KEY=VALUE]",
+                     help="the question list, then " + OVERRIDES_HELP)
+    ans.add_argument("--model", help="answering model: default, a Hugging Face folder, a .gguf file or a hub id")
+    ans.add_argument("--out", metavar="FILE", help="output .jsonl (answer.output)")
+    ans.add_argument("--force", action="store_true", help="replace an existing output file")
+    _endpoint_flags(ans)
+    ans.set_defaults(run=cmd_data_answer, flag_keys={
+        "model": "model.name_or_path", "out": "answer.output", "force": "answer.overwrite", **ENDPOINT_FLAG_KEYS})
+
+    fb = data_cmds.add_parser(
+        "feedback", help="experts' review-sheet scores -> DPO pairs, KTO examples and SFT corrections",
+        description="Reads filled review sheets (several sheets, or a `reviewer` column, for several reviewers) "
+        "and writes to feedback.output_dir: dpo.jsonl (per question the best- against the worst-scored answer, "
+        "when their mean scores differ by feedback.margin), kto.jsonl (desirable at feedback.desirable_at or "
+        "above, undesirable at feedback.undesirable_at or below), sft.jsonl (the filled `correction` column), "
+        "unused.jsonl (every row left out, with its reason) and feedback_report.json (counts, reviewer agreement). "
+        "Every record carries its provenance: sheet, row, reviewer, scores.",
+    )
+    fb.add_argument("args", nargs="*", metavar="SHEET.csv [SHEET.csv ...] [CONFIG] [KEY=VALUE]",
+                    help="the filled review sheets, then " + OVERRIDES_HELP)
+    fb.add_argument("--out", metavar="DIR", help="output folder (feedback.output_dir)")
+    fb.add_argument("--force", action="store_true", help="replace the files an earlier run wrote there")
+    fb.set_defaults(run=cmd_data_feedback, flag_keys={"out": "feedback.output_dir", "force": "feedback.overwrite"})
 
     trn = _stage_parser(
         stages, "train", "fine-tune a model on your data (lora, qlora, full, freeze, prefix)",
@@ -375,11 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
     evl = _stage_parser(
         stages, "eval", "evaluate a model, or compare base and fine-tuned (metrics, forgetting check, reports)",
         "qatune eval [CONFIG] [KEY=VALUE] --model M [--adapter A] --data FILE [--general FILE]\n"
-        "qatune eval [CONFIG] --compare BASE TUNED --data FILE [--general FILE]\n"
+        "qatune eval [CONFIG] --compare BASE TUNED --data FILE [--general FILE] [--gate]\n"
         "qatune eval summarize review_sheet.csv\n\n"
         "Writes eval.output_dir/: eval_report.json/.md/.html, predictions.<model>.jsonl and review_sheet.csv "
         "(fill its score column 1-5, then run `qatune eval summarize`).",
-        cmd_eval, {"data": "eval.data", "general": "eval.general", "out": "eval.output_dir"})
+        cmd_eval, {"data": "eval.data", "general": "eval.general", "out": "eval.output_dir", "gate": "eval.gate.enabled"})
     evl.add_argument("--adapter", help="LoRA/prefix adapter folder (a qatune train output) to put on --model")
     evl.add_argument("--compare", nargs=2, metavar=("BASE", "TUNED"),
                      help="evaluate BASE and TUNED (an adapter folder on BASE, or a whole model) side by side")
@@ -387,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     evl.add_argument("--general", action="append", metavar="FILE",
                      help="general multiple-choice set for the forgetting check (repeatable)")
     evl.add_argument("--out", metavar="DIR", help="output folder (eval.output_dir)")
+    evl.add_argument("--gate", action="store_true",
+                     help="with --compare: exit 3, with the reason, when TUNED is worse than BASE beyond "
+                          "eval.gate.metrics' margins or forgets (eval.gate)")
 
     tun = _stage_parser(
         stages, "tune", "search learning rate, LoRA rank/alpha, epochs and warm-up with Optuna",
@@ -398,15 +496,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = _stage_parser(
         stages, "export", "merge an adapter, write a Hugging Face folder, GGUF (llama.cpp, Ollama) or a quantized copy",
-        "qatune export --model M --adapter A --out DIR [--gguf f16|q8_0] [--quantize int8|bnb-8bit|bnb-4bit]"
+        "qatune export --model M --adapter A --out DIR [--gguf f16|bf16|q8_0|q4_k_m|q5_k_m|q6_k] [--gguf-adapter] "
+        "[--quantize int8|bnb-8bit|bnb-4bit]"
         "\n\nWrites DIR/: merged safetensors (sharded), config, tokenizer with its chat template, generation config; "
-        "model-<type>.gguf and an Ollama Modelfile; int8/ or bnb-*/ quantized copies; export_report.json with a "
+        "model-<type>.gguf and an Ollama Modelfile (checked in llama.cpp where installed: greedy answers, perplexity); "
+        "adapter.gguf, base-<type>.gguf and Modelfile.adapter; int8/ or bnb-*/ quantized copies; export_report.json with a "
         "greedy-answer check of every form against base + adapter.",
         cmd_export, {"adapter": "export.adapter", "out": "export.output_dir", "gguf": "export.gguf",
-                     "quantize": "export.quantize", "force": "export.overwrite"})
+                     "quantize": "export.quantize", "force": "export.overwrite", "gguf_adapter": "export.gguf_adapter"})
     exp.add_argument("--adapter", help="LoRA adapter folder to merge (a qatune train output)")
     exp.add_argument("--out", metavar="DIR", help="output folder (export.output_dir); must be empty")
-    exp.add_argument("--gguf", choices=["f16", "q8_0"], help="also write a GGUF file and an Ollama Modelfile")
+    exp.add_argument("--gguf", choices=["f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"],
+                     help="also write a GGUF file and an Ollama Modelfile (k-quants: pip install 'qatune[llamacpp]')")
+    exp.add_argument("--gguf-adapter", action="store_true",
+                     help="also write the LoRA adapter as a GGUF adapter, its base as GGUF, and Modelfile.adapter")
     exp.add_argument("--quantize", choices=["int8", "bnb-8bit", "bnb-4bit"],
                      help="also write a quantized copy (int8: torchao; bnb-*: bitsandbytes, CUDA or CPU)")
     exp.add_argument("--force", action="store_true", help="replace a non-empty output folder")
@@ -423,7 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = _stage_parser(
         stages, "serve", "serve the model and its adapters over HTTP (OpenAI-compatible API, chat page, metrics)",
-        "qatune serve [CONFIG] --model M [--adapter NAME=FOLDER ...] [--host H] [--port P] [--engine hf|vllm]\n\n"
+        "qatune serve [CONFIG] --model M [--adapter NAME=FOLDER ...] [--host H] [--port P]\n"
+        "             [--engine auto|hf|llamacpp|vllm]\n\n"
         "Routes: POST /v1/chat/completions, /v1/completions (stream over SSE), GET /v1/models, POST /answer, "
         "GET /health, GET /metrics (Prometheus), GET / (chat page). Concurrent requests are batched "
         "together (serve.max_batch_size); serve.api_key (or env QATUNE_API_KEY) requires a Bearer key.",
@@ -432,7 +536,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="LoRA adapter served as model NAME on the one base model (repeatable)")
     srv.add_argument("--host", help="bind address (serve.host, default 127.0.0.1)")
     srv.add_argument("--port", type=int, help="TCP port (serve.port, default 8000)")
-    srv.add_argument("--engine", choices=["hf", "vllm"], help="serve.engine: hf (CPU or GPU) or vllm (CUDA GPU)")
+    srv.add_argument("--engine", choices=["auto", "hf", "llamacpp", "vllm"],
+                     help="serve.engine: auto (default), hf (CPU or GPU), llamacpp (GGUF on the CPU) or vllm (CUDA GPU)")
+
+    std = stages.add_parser(
+        "studio", help="the whole road in the browser: data, train, evaluate, chat, export over a workspace folder",
+        description="Pages over a workspace folder; every step runs the qatune command it shows (kept in "
+        "WORKSPACE/.studio/jobs/ with its log), and runs are folders in WORKSPACE/runs/.")
+    std.add_argument("--workspace", default=".", help="folder of data files, runs and exports (default: here)")
+    std.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    std.add_argument("--port", type=int, default=7860, help="TCP port (default 7860)")
+    std.add_argument("--token", help="require this token (open the page with ?token=...; env QATUNE_STUDIO_TOKEN)")
+    std.set_defaults(run=cmd_studio)
     return parser
 
 

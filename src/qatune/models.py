@@ -225,6 +225,39 @@ def attach_adapter(model: "PreTrainedModel", adapter: str | Path, model_name: st
                                   f"in {config_file})") from None
 
 
+def kept_layer_indices(total: int, count: int) -> list[int]:
+    """`count` of `total` decoder layers, evenly spaced, the first and the last among them."""
+    if count == 1:
+        return [0]
+    return [round(i * (total - 1) / (count - 1)) for i in range(count)]
+
+
+def keep_decoder_layers(model: "PreTrainedModel", count: int) -> list[int]:
+    """Cut `model` in place to `count` of its decoder layers (evenly spaced, first and last kept: DistilBERT's
+    and Minitron's depth pruning), their weights as they were; the config says the new depth, so the model
+    saves, loads and exports as any model of that size. Returns the indices kept."""
+    import torch
+
+    decoder = model.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ModelLoadError(f"{type(model).__name__} has no `layers` list of decoder layers to keep some of",
+                             hint="distill into a smaller model of your own instead of distill.student_layers")
+    total = len(layers)
+    if count > total:
+        raise ModelLoadError(f"distill.student_layers={count} but the model has {total} decoder layers",
+                             hint=f"keep at most {total}")
+    keep = kept_layer_indices(total, count)
+    decoder.layers = torch.nn.ModuleList(layers[i] for i in keep)
+    for new_index, layer in enumerate(decoder.layers):
+        if hasattr(getattr(layer, "self_attn", None), "layer_idx"):
+            layer.self_attn.layer_idx = new_index  # the KV cache is indexed by it
+    model.config.num_hidden_layers = count
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    return keep
+
+
 def _hub_hint(loc: ModelLocation) -> str | None:
     return None if loc.is_local else "the hub is not reachable from here? download the model and pass its folder"
 

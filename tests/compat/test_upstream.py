@@ -187,8 +187,53 @@ def test_bitsandbytes_4bit_layers_keep_the_cpu_kernel_switch() -> None:
     assert keep_4bit_weights_differentiable(layer) == 1 and layer[0].support_avx512bf16_for_cpu is False
 
 
+def test_bitsandbytes_optimizer_overrides_end_with_the_training_and_the_earlier_ones_come_back() -> None:
+    """What the Trainer registers for an 8-bit optimizer (its embeddings' 32-bit state) is dropped when the
+    training ends; an override the caller made before stays."""
+    bnb = pytest.importorskip("bitsandbytes")
+
+    from qatune.compat.bitsandbytes import optimizer_overrides_scoped
+
+    manager = bnb.optim.GlobalOptimManager.get_instance()
+    assert {"pid2config", "index2config", "module_weight_config_triple"} <= set(vars(manager)), \
+        "bitsandbytes renamed the override tables qatune resets"
+    callers, trainings = torch.nn.Embedding(4, 2), torch.nn.Embedding(4, 2)
+    manager.override_config([callers.weight], key_value_dict={"optim_bits": 32})
+    try:
+        with optimizer_overrides_scoped():
+            manager.register_module_override(trainings, "weight", {"optim_bits": 32})  # as the Trainer does
+            manager.override_config([trainings.weight], key_value_dict={"optim_bits": 32})
+            assert id(trainings.weight) in manager.pid2config
+        assert id(trainings.weight) not in manager.pid2config
+        assert all(module is not trainings for module, _, _ in manager.module_weight_config_triple)
+        assert manager.pid2config[id(callers.weight)] == {"optim_bits": 32}
+    finally:
+        manager.initialize()
+
+
+def test_trl_preference_trainers_keep_what_the_preference_stage_relies_on() -> None:
+    pytest.importorskip("trl")
+    from trl import DPOTrainer, KTOTrainer
+    from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
+
+    from qatune.compat.transformers import TrainerOverrides
+    from qatune.compat.trl import preference_trainer
+
+    for trainer in (DPOTrainer, KTOTrainer):
+        source = inspect.getsource(trainer)
+        assert 'add_adapter("ref"' in source  # the copy of a PeftModel's adapter that the stage deletes...
+        assert '"ref" if "ref" in' in source  # ...after which the reference is the model with adapters off
+    for trainer in (CPOTrainer, ORPOTrainer):  # paired batches under chosen_/rejected_ keys, no input_ids
+        source = inspect.getsource(trainer.tokenize_row)
+        assert '"chosen_": chosen_sequence_tokens' in source and '"attention_mask"' in source
+    subclass = preference_trainer(DPOTrainer)
+    assert subclass.__mro__[1:3] == (TrainerOverrides, DPOTrainer)
+    assert parameters(subclass._track_num_input_tokens) == parameters(DPOTrainer._track_num_input_tokens)
+
+
 @pytest.mark.parametrize("module", ["torch", "transformers", "peft", "datasets", "process", "uvicorn",
-                                    "bitsandbytes"])
+                                    "bitsandbytes", "trl"])
 def test_every_compat_module_is_documented(module) -> None:
     import importlib
 

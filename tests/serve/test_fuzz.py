@@ -34,8 +34,10 @@ near_valid = st.fixed_dictionaries({}, optional={
 body = st.one_of(near_valid.map(json.dumps), anything.map(json.dumps), st.binary(max_size=80))
 
 
-@pytest.fixture(scope="module")
-def http(server):
+@pytest.fixture(scope="module", params=["hf", "llamacpp"])
+def http(request):
+    """A client of each engine's shared server (the routes and limits are the app's; answers are the engine's)."""
+    server = request.getfixturevalue("server" if request.param == "hf" else "llamacpp_server")
     with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
 

@@ -1,4 +1,5 @@
-"""A bounded 60-second load: 16 concurrent clients on every route, zero errors."""
+"""A bounded load: 16 concurrent clients on every route and every served model, zero errors (60 s on the
+hf engine; 20 s on llamacpp, which shares its routes and limits and only differs below the engine)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ import time
 import httpx
 import pytest
 
-DURATION_S = 60
+DURATION_S = {"hf": 60, "llamacpp": 20}
+AT_LEAST = {"hf": 100, "llamacpp": 32}  # answered requests: every client kept being served (2 CPUs shared with others)
 CLIENTS = 16
 
 
-def one_request(client: httpx.Client, rng: random.Random) -> bool:
+def one_request(client: httpx.Client, rng: random.Random, models: list[str]) -> bool:
     question = rng.choice(["What is a fever?", "感冒了应该注意什么？", "How long should I rest after surgery?"])
     kind = rng.choice(["chat", "stream", "answer", "completion"])
-    model = rng.choice([None, "alpha", "beta"])
+    model = rng.choice([None, *models])
     chat = {"messages": [{"role": "user", "content": question}], "max_tokens": rng.randint(1, 16),
             "temperature": rng.choice([0, 0.7])} | ({"model": model} if model else {})
     if kind == "chat":
@@ -34,16 +36,18 @@ def one_request(client: httpx.Client, rng: random.Random) -> bool:
 
 
 @pytest.mark.slow
-def test_sixty_seconds_of_sixteen_clients(server):
+def test_sixteen_clients_on_every_route(any_server):
+    server = any_server
     results: list[tuple[bool, str]] = []
-    stop_at = time.monotonic() + DURATION_S
+    stop_at = time.monotonic() + DURATION_S[server.engine.kind]
+    models = list(server.engine.models)[1:] or list(server.engine.models)  # the adapters, else the base
 
     def client_loop(seed: int) -> None:
         rng = random.Random(seed)
         with httpx.Client(base_url=server.url, timeout=60) as client:
             while time.monotonic() < stop_at:
                 try:
-                    results.append((one_request(client, rng), ""))
+                    results.append((one_request(client, rng, models), ""))
                 except Exception as exc:  # a broken connection counts as an error too
                     results.append((False, repr(exc)))
 
@@ -54,6 +58,6 @@ def test_sixty_seconds_of_sixteen_clients(server):
         t.join()
     failures = [why for ok, why in results if not ok]
     assert not failures, f"{len(failures)} of {len(results)} requests failed: {failures[:3]}"
-    assert len(results) > 100
+    assert len(results) > AT_LEAST[server.engine.kind]
     assert server.metric("qatune_requests_total", route="/v1/chat/completions", status="200") > 0
     assert httpx.get(server.url + "/health").json()["status"] == "ok"

@@ -69,4 +69,7 @@ def test_a_failed_write_keeps_the_earlier_output(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(Path, "write_text", disk_full_half_way)
     with pytest.raises(OSError, match="disk full"):
         from_docs(config, docs, generator=fake_docs_model)
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before  # no half file, no temp
+    journal = out.with_suffix(".partial.jsonl")  # the generated outputs, kept for the next run to resume from
+    assert len(journal.read_text(encoding="utf-8").splitlines()) == 4
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p != journal}
+    assert after == before  # no half file, no temp

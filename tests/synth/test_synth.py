@@ -169,7 +169,8 @@ def test_augment_deduplicates_caps_and_keeps_provenance(tmp_path) -> None:
     first = result.records[0]
     assert first["system"] == "Be brief."
     assert first["provenance"] == {"original_question": "What is the capital of France?", "source": f"{tmp_path.name}/qa",
-                                   "location": f"{data}, line 1", "method": "paraphrase", "model": "default"}
+                                   "location": f"{data}, line 1", "method": "paraphrase", "teacher": "default",
+                                   "prompt": "built-in"}
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert records == result.records
     assert check([SourceConfig(path=str(out))], DataConfig()).kept == 4
@@ -218,7 +219,7 @@ def test_plans_decide_the_output_and_the_model_gets_the_sections_decoding(tmp_pa
 
     seen = []
     monkeypatch.setattr("qatune.synth.generator.model_generator",
-                        lambda cfg, rt, decoding, batch_size: seen.append((rt, decoding)) or fake_docs_model)
+                        lambda cfg, rt, decoding, batch_size, system=None: seen.append((rt, decoding)) or fake_docs_model)
     docs_recipe.from_docs(forced, docs, runtime)
     assert seen == [(runtime, forced.from_docs.decoding)]
     assert (seen[0][1].temperature, seen[0][1].top_p, seen[0][1].max_new_tokens) == (0.5, 1.0, 384)

@@ -1,6 +1,11 @@
-"""bitsandbytes: the CPU kernel switch of its 4-bit linear layers."""
+"""bitsandbytes: the CPU kernel switch of its 4-bit linear layers, and its process-wide optimizer overrides."""
 
 from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -17,3 +22,37 @@ def keep_4bit_weights_differentiable(model: torch.nn.Module) -> int:
             module.support_avx512bf16_for_cpu = False
             switched += 1
     return switched
+
+
+@contextmanager
+def optimizer_overrides_scoped() -> Iterator[None]:
+    """bitsandbytes' `GlobalOptimManager` is a process-wide singleton: the Trainer registers every embedding
+    of the model for 32-bit optimizer state with it and nothing ever unregisters them, so each training
+    in one process (`qatune tune` trials, a library caller's loop) keeps the earlier models alive and
+    hands their per-position overrides to the next 8-bit optimizer. Whatever a training registers is
+    dropped when it ends; the manager's state from before is restored. Nothing happens where
+    bitsandbytes was never imported."""
+    manager = _optim_manager()
+    saved = None if manager is None else _manager_state(manager)
+    try:
+        yield
+    finally:
+        manager = manager or _optim_manager()
+        if manager is not None:
+            if saved is None:
+                manager.initialize()
+            else:
+                manager.__dict__.update(saved)
+
+
+def _optim_manager() -> object | None:
+    if "bitsandbytes" not in sys.modules:
+        return None
+    from bitsandbytes.optim import GlobalOptimManager
+
+    return GlobalOptimManager.get_instance()
+
+
+def _manager_state(manager: object) -> dict:
+    # shallow copies of its dicts and list: the modules and parameters they name are not copied
+    return {key: copy.copy(value) for key, value in vars(manager).items()}

@@ -22,11 +22,11 @@ from qatune.config.model import MethodConfig, ModelConfig
 from qatune.config.reference import config_reference
 from qatune.config.root import QatuneConfig
 from qatune.config.schema import type_name
-from qatune.config.synth import AugmentConfig, FromDocsConfig
-from qatune.config.train import TrainConfig, TuneConfig
+from qatune.config.synth import AnswerConfig, AugmentConfig, EndpointConfig, FromDocsConfig
+from qatune.config.train import DistillConfig, TrainConfig, TuneConfig
 
 __all__ = [
-    "NAMED_TEMPLATES", "SOURCE_FORMATS", "AugmentConfig", "CleanConfig", "DataConfig", "DecodingConfig",
+    "NAMED_TEMPLATES", "SOURCE_FORMATS", "AnswerConfig", "AugmentConfig", "DistillConfig", "EndpointConfig", "CleanConfig", "DataConfig", "DecodingConfig",
     "EvalConfig", "ExportConfig", "FromDocsConfig", "MethodConfig", "ModelConfig", "QatuneConfig", "Section",
     "ServeConfig", "SharegptTags", "SourceConfig", "TrainConfig", "TuneConfig", "config_reference",
     "load_config", "type_name",

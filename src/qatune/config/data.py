@@ -9,7 +9,7 @@ from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from qatune.config.base import Section
 
-SOURCE_FORMATS = ("auto", "alpaca", "qa", "input_target", "sharegpt", "messages", "text")
+SOURCE_FORMATS = ("auto", "alpaca", "qa", "input_target", "sharegpt", "messages", "text", "preference", "kto")
 NAMED_TEMPLATES = ("chatml", "llama3", "alpaca", "default")
 
 

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from qatune.config.base import Section, decoding_section, secret_field
+from qatune.config.data import SourceList
 
 ServeDecoding = decoding_section(
     "ServeDecoding", "for requests that do not say, and by `qatune chat` / `qatune generate`",
@@ -27,8 +28,24 @@ class ServeConfig(Section):
         description="LoRA adapters served on the one base model, name: folder. Each name is a model in /v1/models; "
         "the first is the default for /answer and requests without `model`.",
     )
-    engine: Literal["hf", "vllm"] = Field(
-        "hf", description="hf: qatune's continuous batching on transformers (CPU or GPU); vllm: vLLM on a CUDA GPU."
+    engine: Literal["auto", "hf", "llamacpp", "vllm"] = Field(
+        "auto", description="auto: llamacpp on a CPU where llama-cpp-python is installed, else hf; on a CUDA GPU "
+        "vllm where installed, else hf (printed with the reason). hf: qatune's continuous batching on "
+        "transformers (CPU or GPU); llamacpp: continuous batching on llama.cpp, GGUF models on the CPU "
+        "(`pip install 'qatune[llamacpp]'`); vllm: vLLM on a CUDA GPU."
+    )
+    llamacpp_context: int | None = Field(
+        None, ge=64, description="llamacpp: key/value cache cells of each running request: the longest prompt "
+        "plus answer it may have (400 above). null: serve.max_input_tokens + serve.max_tokens. The cache holds "
+        "serve.max_batch_size + 1 of them per served model, allocated at start (SmolLM2-135M: 22.5 KiB a cell)."
+    )
+    llamacpp_threads: int | None = Field(
+        None, ge=1, description="llamacpp: CPU threads; null: half the CPUs (llama-cpp-python's default)."
+    )
+    llamacpp_gguf: Literal["q8_0", "f16"] = Field(
+        "q8_0", description="llamacpp: the GGUF type a Hugging Face model, an adapter (merged) or `default` "
+        "(whose shipped Q4_1 file batches at half the speed) is converted to, once (cached); a GGUF file or an "
+        "export folder's GGUF is served as it is."
     )
     max_batch_size: int = Field(16, ge=1, description="Requests decoded together in one step.")
     max_queue: int = Field(
@@ -77,9 +94,23 @@ class ExportConfig(Section):
     output_dir: str = Field("outputs/export", description="Folder to write; it must be empty unless `overwrite`. "
                             "Never the model, the adapter or its base, nor a folder holding one.")
     overwrite: bool = Field(False, description="Replace a non-empty output folder (`--force`).")
-    gguf: Literal["f16", "q8_0"] | None = Field(
-        None, description="Also write a GGUF file for llama.cpp and Ollama (with a Modelfile): f16 or q8_0."
+    gguf: Literal["f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"] | None = Field(
+        None, description="Also write a GGUF file for llama.cpp and Ollama (with a Modelfile): f16, bf16 or q8_0 "
+        "(written by qatune), or the k-quants q4_k_m, q5_k_m, q6_k (llama.cpp's quantizer; `pip install "
+        "'qatune[llamacpp]'`). With llama.cpp installed the export checks the file in llama.cpp itself."
     )
+    gguf_adapter: bool = Field(
+        False, description="Also write the LoRA adapter itself as a llama.cpp GGUF adapter (adapter.gguf), the "
+        "base it goes on as a GGUF (base-<export.gguf or f16>.gguf) and an Ollama Modelfile.adapter with FROM and "
+        "ADAPTER lines; needs export.adapter."
+    )
+    perplexity_data: SourceList = Field(
+        default_factory=list, description="Held-out Q&A (any format eval.data reads) on whose answers each GGUF "
+        "file's perplexity is measured in llama.cpp; empty: the validation split prepared in data.output_dir, "
+        "where there is one."
+    )
+    perplexity_records: int = Field(32, ge=1, description="Held-out records the GGUF perplexity is measured on "
+                                    "(the first ones).")
     quantize: Literal["int8", "bnb-8bit", "bnb-4bit"] | None = Field(
         None, description="Also write a quantized copy: int8 (torchao dynamic, CPU), bnb-8bit or bnb-4bit (bitsandbytes >= 0.50: CUDA "
         "or CPU)."

@@ -13,8 +13,8 @@ from qatune.config.data import DataConfig
 from qatune.config.deploy import ExportConfig, ServeConfig
 from qatune.config.eval import EvalConfig
 from qatune.config.model import MethodConfig, ModelConfig
-from qatune.config.synth import AugmentConfig, FromDocsConfig
-from qatune.config.train import TrainConfig, TuneConfig
+from qatune.config.synth import AnswerConfig, AugmentConfig, EndpointConfig, FromDocsConfig
+from qatune.config.train import DistillConfig, FeedbackConfig, PreferenceConfig, TrainConfig, TuneConfig
 
 
 class QatuneConfig(Section):
@@ -30,6 +30,14 @@ class QatuneConfig(Section):
     from_docs: FromDocsConfig = Field(default_factory=FromDocsConfig, description="Q&A pairs from documents.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Question paraphrases.")
     tune: TuneConfig = Field(default_factory=TuneConfig, description="Hyper-parameter search.")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="Distillation (train.stage distill).")
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="Preference training "
+                                         "(train.stage dpo, kto, orpo, simpo).")
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig, description="Review-sheet scores as training "
+                                     "data (qatune data feedback).")
+    answer: AnswerConfig = Field(default_factory=AnswerConfig, description="Answers to a question list by a teacher.")
+    endpoint: EndpointConfig = Field(default_factory=EndpointConfig, description="An OpenAI-compatible endpoint "
+                                     "that writes data (from-docs, augment, answer) in place of the local model.")
 
     @field_validator("model", mode="before")
     @classmethod

@@ -1,14 +1,16 @@
-"""The `from_docs` and `augment` sections: training data written by a model."""
+"""The `from_docs`, `augment` and `answer` sections: training data written by a model (the local one, or an
+OpenAI-compatible `endpoint`)."""
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from qatune.config.base import Section, decoding_section
 from qatune.config.data import SourceList
 
 FromDocsDecoding = decoding_section("FromDocsDecoding", "from document chunks (greedy; a small model needs the "
                                     "repetition penalty against loops)", max_new_tokens=384, repetition_penalty=1.1)
+AnswerDecoding = decoding_section("AnswerDecoding", "for the teacher's answers (greedy)", max_new_tokens=512)
 AugmentDecoding = decoding_section("AugmentDecoding", "for paraphrases (sampled: several different ones per "
                                    "question)", max_new_tokens=128, temperature=0.8, top_p=0.95,
                                    repetition_penalty=1.1)
@@ -62,3 +64,43 @@ class AugmentConfig(GeneratedData):
                                       "sampled (temperature 0 is greedy: then samples=1 suffices).")
     batch_size: int = Field(8, ge=1, description="Prompts generated together.")
     max_questions: int | None = Field(None, ge=1, description="Paraphrase at most this many questions.")
+
+
+class EndpointConfig(Section):
+    """An OpenAI-compatible chat-completions service (a hosted API, vLLM, Ollama, `qatune serve`) that writes
+    data in place of the local model: `--endpoint URL --endpoint-model NAME`."""
+
+    url: str | None = Field(
+        None, description="Base URL of the API, as OpenAI clients take it (e.g. `http://localhost:8000/v1`; "
+        "`/chat/completions` is appended). Null: the local `model` writes.",
+    )
+    model: str | None = Field(None, description="The model name the endpoint serves (`--endpoint-model`).")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="The environment variable that holds the API key (sent as a Bearer token; "
+        "unset: no key is sent). The key itself never goes into a config file.",
+    )
+    concurrency: int = Field(4, ge=1, description="Requests in flight at once.")
+    timeout_s: float = Field(120.0, gt=0, description="Seconds one request may take before it is retried.")
+    retries: int = Field(4, ge=0, description="Retries of a request that timed out, could not connect, or got "
+                         "429/5xx; then the run stops (finished prompts are kept for the next run).")
+    backoff_s: float = Field(1.0, ge=0, description="Wait before the first retry; doubled for each next one (a "
+                             "server's Retry-After wins).")
+
+    @model_validator(mode="after")
+    def _model_with_url(self) -> EndpointConfig:
+        if self.url is not None and not self.model:
+            raise ValueError("endpoint.url is set but endpoint.model is not; add --endpoint-model NAME "
+                             "(the name the endpoint serves, e.g. from its /v1/models)")
+        return self
+
+
+class AnswerConfig(GeneratedData):
+    """`qatune data answer QUESTIONS`: a teacher answers a question list (sequence-level distillation)."""
+
+    output: str = Field("outputs/answers.jsonl", description="The qa dataset to write (with `provenance`); report "
+                        "and drops go beside it.")
+    system: str | None = Field(None, description="A system prompt given to the teacher with every question (not "
+                               "written into the records).")
+    decoding: AnswerDecoding = Field(default_factory=AnswerDecoding, description="How the teacher answers.")
+    batch_size: int = Field(8, ge=1, description="Questions answered together by the local model.")
+    max_questions: int | None = Field(None, ge=1, description="Answer at most this many questions.")

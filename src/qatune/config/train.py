@@ -12,11 +12,14 @@ from qatune.config.base import Section
 class TrainConfig(Section):
     """Optimisation and checkpointing."""
 
-    stage: Literal["sft", "pt"] = Field(
+    stage: Literal["sft", "pt", "distill", "dpo", "kto", "orpo", "simpo"] = Field(
         "sft",
         description="`sft`: supervised fine-tuning on conversations (loss on the answers). `pt`: continued "
         "pre-training on plain text (`text` records, .txt/.md files): no chat template, loss on every token, "
-        "documents joined with eos and packed into blocks of data.max_length.",
+        "documents joined with eos and packed into blocks of data.max_length. `distill`: sft's data, the loss "
+        "mixes cross-entropy with the divergence from a teacher's token distributions (the `distill` section). "
+        "`dpo`, `orpo`, `simpo`: preference training on (prompt, chosen, rejected) pairs; `kto`: on answers "
+        "labelled desirable or undesirable (pairs count as one of each); TRL's trainers, settings in `preference`.",
     )
     output_dir: str = Field("outputs/run", description="Where weights or adapter, checkpoints and reports go.")
     overwrite_output_dir: bool = Field(
@@ -161,3 +164,97 @@ class TuneConfig(Section):
         if v is not None and not v:
             raise ValueError("expected at least one choice (or null to keep the config's value)")
         return v
+
+
+class DistillConfig(Section):
+    """`train.stage: distill`: the student (`model`, or `model` cut to `student_layers`) learns the teacher's
+    token distributions on the answer tokens: loss = alpha * divergence + (1 - alpha) * cross-entropy."""
+
+    teacher: str | None = Field(
+        None, description="The teacher: any model qatune loads (`default`, a Hugging Face folder, a .gguf file, an "
+        "adapter folder on its base, a hub id). Its tokenizer must be the student's. Default: `model` itself "
+        "(then student_layers makes the smaller student).",
+    )
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the divergence; 1 - alpha weighs the cross-entropy "
+                         "on the reference answers.")
+    temperature: float = Field(2.0, gt=0, description="Both distributions are softened by it; the divergence is "
+                               "scaled by temperature^2 so its gradient keeps the cross-entropy's scale (Hinton).")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="`forward_kl`: KL(teacher || student), covers every mode of the teacher. "
+        "`reverse_kl`: KL(student || teacher), mode-seeking (MiniLLM). `jsd`: Jensen-Shannon, the symmetric middle "
+        "(GKD).",
+    )
+    student_layers: int | None = Field(
+        None, ge=1, description="Make the student from `model` by keeping this many of its decoder layers, evenly "
+        "spaced, first and last included, weights copied (DistilBERT/Minitron-style). Needs a whole-model method "
+        "(method.name full or freeze): the student is saved as a model folder.",
+    )
+
+
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
+STAGE_BETA = {"dpo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0}  # each method's paper / TRL default
+
+
+class PreferenceConfig(Section):
+    """`train.stage: dpo | kto | orpo | simpo`: how chosen answers are preferred over rejected ones (TRL 1.x).
+    Preference training wants a far lower train.learning_rate than SFT (e.g. 5e-6 full, 5e-5 LoRA)."""
+
+    beta: float | None = Field(
+        None, gt=0, description="Strength of the preference term. dpo/kto: how far the model may move from the "
+        "reference (higher: closer); orpo: the odds-ratio weight (lambda); simpo: the reward scale. Null: the "
+        f"stage's usual value ({', '.join(f'{k} {v}' for k, v in STAGE_BETA.items())}).",
+    )
+    loss_type: Literal[DPO_LOSSES] = Field(  # type: ignore[valid-type]
+        "sigmoid", description="DPO's loss variant (stage dpo): `sigmoid` (DPO), `ipo`, `hinge` (SLiC), `robust` "
+        "(rDPO, with label_smoothing), `exo_pair`, `nca_pair`, `bco_pair`, `sppo_hard`, `aot`, `aot_unpaired`, "
+        "`apo_zero`, `apo_down`, `discopop`, `sigmoid_norm` (length-normalised).",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Assumed share of flipped preference labels: conservative DPO / rDPO "
+        "(dpo with sigmoid or robust), EXO's epsilon (exo_pair needs it above 0), and simpo's smoothing.",
+    )
+    sft_weight: float = Field(
+        0.0, ge=0, description="Weight of the cross-entropy on the chosen answer added to the preference loss: "
+        "RPO for dpo, CPO's behaviour-cloning term for simpo (0: pure SimPO). ORPO always has its own.",
+    )
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin (stage simpo).")
+    desirable_weight: float = Field(
+        1.0, gt=0, description="KTO: weight of the desirable answers' loss; raise it when they are rarer.",
+    )
+    undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the undesirable answers' loss.")
+
+    @model_validator(mode="after")
+    def _exo_needs_smoothing(self) -> PreferenceConfig:
+        if self.loss_type == "exo_pair" and self.label_smoothing == 0:
+            raise ValueError("loss_type exo_pair needs label_smoothing above 0; set preference.label_smoothing=1e-3 "
+                             "(the EXO paper's value)")
+        return self
+
+    def beta_for(self, stage: str) -> float:
+        return self.beta if self.beta is not None else STAGE_BETA[stage]
+
+
+class FeedbackConfig(Section):
+    """`qatune data feedback SHEET...`: experts' scores on review sheets become DPO pairs, KTO examples and (from
+    the `correction` column) SFT records, each with its provenance."""
+
+    output_dir: str = Field("outputs/feedback", description="Where dpo.jsonl, kto.jsonl, sft.jsonl, unused.jsonl "
+                            "and feedback_report.json are written.")
+    overwrite: bool = Field(False, description="Replace those files when output_dir holds them already (without "
+                            "it, an error names them).")
+    margin: float = Field(
+        1.0, gt=0, description="A question's best-scored answer becomes `chosen` against its worst-scored one only "
+        "when their mean scores differ by at least this much; ties and closer pairs are dropped and counted.",
+    )
+    desirable_at: float = Field(4.0, ge=1, le=5, description="KTO: an answer whose mean score is at or above this "
+                                "is desirable.")
+    undesirable_at: float = Field(2.0, ge=1, le=5, description="KTO: an answer whose mean score is at or below "
+                                  "this is undesirable; between the two it is counted and left out.")
+
+    @model_validator(mode="after")
+    def _thresholds_apart(self) -> FeedbackConfig:
+        if self.undesirable_at >= self.desirable_at:
+            raise ValueError(f"undesirable_at={self.undesirable_at} must be below desirable_at={self.desirable_at}; "
+                             "e.g. feedback.undesirable_at=2 feedback.desirable_at=4")
+        return self

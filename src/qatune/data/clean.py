@@ -19,6 +19,7 @@ from qatune.data.records import (
     DUPLICATE,
     EMPTY,
     EVAL_LEAKAGE,
+    IDENTICAL_PAIR,
     NEAR_DUPLICATE,
     TOO_SHORT,
     Conversation,
@@ -69,7 +70,7 @@ def text_length(text: str) -> int:
 
 
 def normalize(conv: Conversation, form: str) -> None:
-    for message in conv.messages:
+    for message in conv.messages + (conv.rejected or []):
         message["content"] = normalize_text(message["content"], form)
 
 
@@ -87,11 +88,23 @@ def rejection(conv: Conversation, cfg: CleanConfig) -> tuple[str, str] | None:
         length = text_length(getattr(conv, side))
         if length < minimum:
             return TOO_SHORT, f"{side} has {length} words, minimum {minimum}"
+    if conv.rejected is not None:
+        rejected = "\n".join(m["content"] for m in conv.rejected)
+        if not rejected:
+            return EMPTY, "the rejected answer is empty"
+        if text_length(rejected) < cfg.min_answer_length:
+            return TOO_SHORT, f"rejected answer has {text_length(rejected)} words, minimum {cfg.min_answer_length}"
+        chosen = conv.messages[len(conv.messages) - len(conv.rejected):]
+        if fold(rejected) == fold("\n".join(m["content"] for m in chosen)):
+            return IDENTICAL_PAIR, "chosen and rejected answers are the same text"
     return None
 
 
 def exact_key(conv: Conversation) -> str:
-    return hashlib.sha1(json.dumps(conv.messages, ensure_ascii=False).encode()).hexdigest()
+    # A pair is the same record only with the same rejected answer (and a KTO row with the same label).
+    payload = conv.messages if conv.rejected is None and conv.label is None else [conv.messages, conv.rejected,
+                                                                                 conv.label]
+    return hashlib.sha1(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
 
 
 def drop_exact_duplicates(convs: Iterable[Conversation], log: DropLog, seen: dict[str, str] | None = None) -> list[Conversation]:
@@ -143,7 +156,7 @@ class NearDuplicateIndex:
 
 
 def _dedup_text(conv: Conversation) -> str:
-    return "\n".join(m["content"] for m in conv.messages if m["role"] != "system")
+    return "\n".join(m["content"] for m in conv.messages + (conv.rejected or []) if m["role"] != "system")
 
 
 def drop_near_duplicates(convs: list[Conversation], cfg: CleanConfig, log: DropLog) -> list[Conversation]:

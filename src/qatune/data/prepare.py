@@ -294,14 +294,29 @@ def _written_fingerprint(out: Path) -> str | None:
 def _tokenize(convs: dict[str, list[Conversation]], config: QatuneConfig,
               components: PrepareComponents) -> dict[str, list[dict[str, Any]]]:
     """Token rows per split (validation only when it has records): chat samples, or pt's packed text."""
-    from qatune.data.samples import chat_rows, check_plain_text, packed_rows
+    from qatune.data.samples import (
+        PREFERENCE_STAGES,
+        chat_rows,
+        check_plain_text,
+        check_stage_fits,
+        packed_rows,
+        preference_rows,
+    )
 
-    data, tokenizer = config.data, components.tokenizer
-    if config.train.stage == "pt":
+    data, tokenizer, stage, log = config.data, components.tokenizer, config.train.stage, components.loaded.log
+    if stage == "pt":
         check_plain_text(convs["train"] + convs["validation"])
-    return {name: (packed_rows(group, tokenizer, data.max_length) if config.train.stage == "pt"
-                   else chat_rows(group, tokenizer, components.template, data, components.loaded.log))
-            for name, group in convs.items() if name == "train" or group}
+    else:
+        check_stage_fits(convs["train"] + convs["validation"], stage)
+
+    def rows(group: list[Conversation]) -> list[dict[str, Any]]:
+        if stage == "pt":
+            return packed_rows(group, tokenizer, data.max_length)
+        if stage in PREFERENCE_STAGES:
+            return preference_rows(group, tokenizer, components.template, data, log, stage)
+        return chat_rows(group, tokenizer, components.template, data, log)
+
+    return {name: rows(group) for name, group in convs.items() if name == "train" or group}
 
 
 def _prepared(output_dir: Path, splits: dict[str, list[dict[str, Any]]], report: dict[str, Any]) -> PreparedData:

@@ -175,7 +175,7 @@ def _read_jsonl(path: Path, encoding: str, cap: int) -> Iterator[RawRecord]:
             try:
                 data = json.loads(line)
             except json.JSONDecodeError as exc:
-                yield RawRecord(loc, error=DataFormatError(f"malformed JSON: {exc.msg} at column {exc.colno}", loc))
+                yield RawRecord(loc, error=DataFormatError(f"malformed JSON: {exc.msg.removesuffix(' at')} at column {exc.colno}", loc))
                 continue
             yield _as_object(data, loc)
 

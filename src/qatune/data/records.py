@@ -17,6 +17,10 @@ class Conversation:
     source: str
     location: Location
     tools: list | None = None
+    # Preference data: the rejected answer turn(s) of a pair (`messages` ends with the chosen one), or
+    # KTO's verdict on the last answer of `messages` (True: desirable).
+    rejected: list[dict[str, str]] | None = None
+    label: bool | None = None
 
     @property
     def is_text(self) -> bool:
@@ -44,11 +48,14 @@ NEAR_DUPLICATE = "near_duplicate"
 EVAL_LEAKAGE = "eval_leakage"
 TOO_LONG = "too_long"
 CONTROL_TOKEN = "control_token"
-DROP_REASONS = (MALFORMED, EMPTY, TOO_SHORT, DUPLICATE, NEAR_DUPLICATE, EVAL_LEAKAGE, CONTROL_TOKEN, TOO_LONG)
+IDENTICAL_PAIR = "identical_pair"  # a preference pair whose chosen and rejected answers are the same text
+DROP_REASONS = (MALFORMED, EMPTY, TOO_SHORT, DUPLICATE, NEAR_DUPLICATE, EVAL_LEAKAGE, CONTROL_TOKEN, TOO_LONG,
+                IDENTICAL_PAIR)
 # Why a generated pair or paraphrase was not kept (`qatune data from-docs`, `qatune data augment`).
 UNPARSEABLE = "unparseable"  # the model's output holds no question/answer (or paraphrase) it could be read as
 CAP_REACHED = "cap_reached"  # more paraphrases than augment.per_question
-GENERATED_DROP_REASONS = (EMPTY, UNPARSEABLE, TOO_SHORT, DUPLICATE, NEAR_DUPLICATE, CAP_REACHED)
+UNSUPPORTED = "unsupported"  # a from-docs answer the cited chunk does not support (or no sentence of it answers)
+GENERATED_DROP_REASONS = (EMPTY, UNPARSEABLE, TOO_SHORT, DUPLICATE, NEAR_DUPLICATE, CAP_REACHED, UNSUPPORTED)
 
 
 @dataclass(slots=True)

@@ -1,9 +1,10 @@
 """LLaMA-Factory's `dataset_info.json` as a dataset registry, so its users bring their data unchanged.
 
 An entry names a local file (`file_name`), its `formatting` (alpaca or sharegpt), a `columns`
-map and sharegpt `tags`. It becomes an ordinary SourceConfig. Entries that only point at a hub
-(`hf_hub_url`, `ms_hub_url`, `script_url`, `cloud_file_name`), preference sets (`ranking`) and
-multimodal columns are refused with the reason: qatune reads local text data for SFT.
+map and sharegpt `tags`. It becomes an ordinary SourceConfig. Preference sets (`ranking: true`, with
+`chosen`/`rejected` columns) become the `preference` format, KTO sets (a `kto_tag` column) the `kto`
+format. Entries that only point at a hub (`hf_hub_url`, `ms_hub_url`, `script_url`, `cloud_file_name`)
+and multimodal columns are refused with the reason: qatune reads local text data.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from qatune.errors import DataError, Location
 # LLaMA-Factory column names -> qatune field names.
 _ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": "history", "system": "system"}
 _SHAREGPT_COLUMNS = {"messages": "conversations", "system": "system", "tools": "tools"}
-_UNSUPPORTED_COLUMNS = ("images", "videos", "audios", "chosen", "rejected", "kto_tag")
+_RANKING_COLUMNS = {"chosen": "chosen", "rejected": "rejected"}
+_UNSUPPORTED_COLUMNS = ("images", "videos", "audios")
 _HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
 
 
@@ -60,13 +62,16 @@ def _entry_to_source(registry: dict, name: str, info_path: Path, base: SourceCon
         detail = f"it is only on a hub ({hub}: {entry[hub]})" if hub else "it has no file_name"
         raise DataError(f"cannot read this dataset: {detail}", loc,
                         hint="download it into the registry folder and add \"file_name\" to its entry")
-    if entry.get("ranking"):
-        raise DataError("a preference (ranking) dataset is for DPO/reward training, not supervised fine-tuning", loc)
-    columns = entry.get("columns") or {}
+    ranking = bool(entry.get("ranking"))
+    # LLaMA-Factory's defaults for a ranking set: chosen and rejected under those names
+    columns = {**(_RANKING_COLUMNS if ranking else {}), **(entry.get("columns") or {})}
     unsupported = [c for c in columns if c in _UNSUPPORTED_COLUMNS]
     if unsupported:
-        raise DataError(f"columns {unsupported} are not supported (text SFT only)", loc)
+        raise DataError(f"columns {unsupported} are not supported (text data only)", loc)
     formatting = entry.get("formatting", "alpaca")
+    extra = {k: v for k, v in columns.items() if k in _RANKING_COLUMNS} if ranking else {}
+    if "kto_tag" in columns:
+        extra["label"] = columns["kto_tag"]
     if formatting == "alpaca":
         if set(columns) == {"prompt"}:  # LLaMA-Factory's pre-training sets: the prompt column is the text
             fmt, mapped = "text", {"text": columns["prompt"]}
@@ -76,6 +81,11 @@ def _entry_to_source(registry: dict, name: str, info_path: Path, base: SourceCon
         fmt, mapped = "sharegpt", {_SHAREGPT_COLUMNS[k]: v for k, v in columns.items() if k in _SHAREGPT_COLUMNS}
     else:
         raise DataError(f"unknown formatting {formatting!r}; expected alpaca or sharegpt", loc)
+    if ranking:
+        fmt = "preference"
+    elif "label" in extra:  # LLaMA-Factory's KTO sets: a conversation and its kto_tag
+        fmt = "kto"
+    mapped.update(extra)
     tags = SharegptTags(**{k: v for k, v in (entry.get("tags") or {}).items() if k in SharegptTags.model_fields})
     return SourceConfig(
         path=str(info_path.parent / entry["file_name"]),

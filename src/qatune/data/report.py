@@ -78,7 +78,9 @@ def build_report(*, config: "QatuneConfig", tokenizer: Any, template: dict[str, 
                 "records": sum(kept[s][name] for s in kept),
                 "samples": len(rows),
                 "tokens": sum(r["length"] for r in rows),
-                "label_tokens": sum(sum(1 for x in r["labels"] if x != -100) for r in rows),
+                # preference rows are tokenized by TRL and count their answers' tokens themselves
+                "label_tokens": sum(r["answer_tokens"] if "answer_tokens" in r else
+                                    sum(1 for x in r["labels"] if x != -100) for r in rows),
                 "truncated": sum(1 for r in rows if r["truncated"]),
                 "length": length_stats([r["length"] for r in rows]),
             }

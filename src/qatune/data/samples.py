@@ -1,5 +1,6 @@
-"""Conversations -> token rows: chat samples for sft (template, labels, length limit) and packed
-plain-text blocks for continued pre-training (pt). Rows are plain dicts until `to_dataset`."""
+"""Conversations -> token rows: chat samples for sft (template, labels, length limit), packed
+plain-text blocks for continued pre-training (pt), and preference rows (dpo/orpo/simpo pairs, kto's
+labelled answers). Rows are plain dicts until `to_dataset`."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from qatune.data.templates import ChatTemplate
 
 COLUMNS = ("input_ids", "labels", "length", "truncated", "source", "location", "messages", "tools")
+PREFERENCE_STAGES = ("dpo", "kto", "orpo", "simpo")  # train.stage values whose data is preference rows
 
 
 def chat_rows(convs: list[Conversation], tokenizer: Any, template: "ChatTemplate", data: DataConfig,
@@ -88,7 +90,67 @@ def packed_rows(convs: list[Conversation], tokenizer: Any, max_length: int, batc
     return rows
 
 
+def check_stage_fits(convs: list[Conversation], stage: str) -> None:
+    """Preference records go to preference stages, and those stages need them: a mismatch names the record."""
+    for conv in convs:
+        paired, labelled = conv.rejected is not None, conv.label is not None
+        if stage not in PREFERENCE_STAGES and (paired or labelled):
+            raise DataError(f"train.stage={stage} trains on conversations, and this record is "
+                            f"{'a preference pair' if paired else 'a KTO example (label)'}", conv.location,
+                            hint="set train.stage=dpo (or orpo, simpo; kto for labelled answers), or give "
+                                 "chosen answers as plain conversations")
+        if stage in PREFERENCE_STAGES and not paired and not (labelled and stage == "kto"):
+            what = "chosen and rejected answers" + (" or a label" if stage == "kto" else "")
+            raise DataError(f"train.stage={stage} needs {what}, and this record has none", conv.location,
+                            hint="give {question|prompt|messages, chosen, rejected} records"
+                                 + (" or {messages, label}" if stage == "kto" else "")
+                                 + "; `qatune data feedback` makes them from a scored review sheet")
+
+
+def preference_rows(convs: list[Conversation], tokenizer: Any, template: "ChatTemplate", data: DataConfig,
+                    log: DropLog, stage: str) -> list[dict[str, Any]]:
+    """Rows TRL's trainers read: the prompt's messages and the answers after it (`chosen`/`rejected`, or for
+    kto `completion` with its `label`: a pair gives one desirable and one undesirable row). TRL renders them with
+    the training template and masks the prompt as sft does; here each is measured with that template, and one
+    whose prompt leaves less than a quarter of max_length for the answer is counted as too long, like sft's."""
+    from qatune.data.templates import control_token_in, control_tokens, render
+
+    pattern = control_tokens(tokenizer)
+    rows = []
+    for conv in convs:
+        problem = control_token_in(conv, pattern) or (
+            control_token_in(Conversation(conv.rejected, conv.source, conv.location), pattern) if conv.rejected else None)
+        if problem:
+            log.add(CONTROL_TOKEN, conv.source, conv.location, problem)
+            continue
+        answers = len(conv.rejected) if conv.rejected is not None else 1
+        prompt, chosen = conv.messages[:-answers], conv.messages[-answers:]
+        texts = [render(tokenizer, template.source, prompt, add_generation_prompt=True, tools=conv.tools)]
+        texts += ["".join(m["content"] + template.end_of_turn for m in turns) for turns in (chosen, conv.rejected or [])]
+        prompt_ids, *answer_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        if len(prompt_ids) > data.max_length - data.max_length // 4:
+            log.add(TOO_LONG, conv.source, conv.location,
+                    f"prompt leaves less than a quarter of max_length={data.max_length} for the answer")
+            continue
+        length = len(prompt_ids) + max(len(ids) for ids in answer_ids)
+        common = {"length": min(length, data.max_length), "truncated": length > data.max_length,
+                  "answer_tokens": sum(len(ids) for ids in answer_ids),
+                  "source": conv.source, "location": str(conv.location), "messages": conv.messages,
+                  "tools": json.dumps(conv.tools, ensure_ascii=False) if conv.tools else ""}
+        if stage != "kto":
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": conv.rejected, **common})
+        elif conv.rejected is None:
+            rows.append({"prompt": prompt, "completion": chosen, "label": conv.label, **common})
+        else:  # a pair is one desirable and one undesirable example (TRL's unpairing)
+            rows += [{"prompt": prompt, "completion": chosen, "label": True, **common},
+                     {"prompt": prompt, "completion": conv.rejected, "label": False, **common,
+                      "messages": prompt + conv.rejected}]
+    return rows
+
+
 def to_dataset(rows: list[dict[str, Any]]) -> "Dataset":
+    """The rows' own columns (chat, pt and preference rows differ), COLUMNS for none; pt's `covers` stays out."""
     from datasets import Dataset
 
-    return Dataset.from_dict({c: [r[c] for r in rows] for c in COLUMNS})
+    columns = [c for c in rows[0] if c != "covers"] if rows else COLUMNS
+    return Dataset.from_dict({c: [r[c] for r in rows] for c in columns})

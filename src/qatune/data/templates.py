@@ -100,8 +100,9 @@ def resolve_template(tokenizer: "PreTrainedTokenizerBase", name: str = "auto") -
 def stage_template(tokenizer: "PreTrainedTokenizerBase", name: str, stage: str) -> ChatTemplate:
     """The template of a training stage. `sft`: `resolve_template`. `pt` renders no template (a base model
     may have none): its documents end with eos, which is also where generation stops; the model's own
-    template, if any, is kept for a later sft stage."""
-    if stage == "sft" or name != "auto":
+    template, if any, is kept for a later sft stage. Every other stage (distill, preference) trains on
+    conversations, with sft's template."""
+    if stage != "pt" or name != "auto":
         return resolve_template(tokenizer, name)
     if tokenizer.eos_token is None:
         raise TemplateError(f"the tokenizer of {tokenizer.name_or_path!r} has no eos token to end documents with",

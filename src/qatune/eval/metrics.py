@@ -100,6 +100,11 @@ def answer_tokens(text: str) -> list[str]:
     return _PIECES.findall(_normalize_squad(text))
 
 
+def text_units(text: str) -> list[str]:
+    """Each CJK character alone, other letter/digit runs as lower-cased words; nothing dropped (distinct-n)."""
+    return _PIECES.findall(text.lower())
+
+
 def token_f1(prediction: str, reference: str) -> float:
     pred, ref = answer_tokens(prediction), answer_tokens(reference)
     common = sum((Counter(pred) & Counter(ref)).values())

@@ -10,7 +10,7 @@
 
 One model (`qatune eval --model M [--adapter A]`) or a base and a tuned model (`qatune eval
 --compare BASE TUNED`, and evaluation after training); with exactly `base` and `tuned` the report
-adds deltas, the forgetting check and answers side by side.
+adds deltas with paired intervals, the forgetting check, the gate (eval.gate) and answers side by side.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from qatune import __version__
 from qatune.config import EvalConfig, QatuneConfig
-from qatune.eval import compare, metrics
-from qatune.eval.report import REPORT_JSON, write_all, written_files
+from qatune.eval import compare, degenerate, diagnosis, metrics
+from qatune.eval.report import REPORT_JSON, predictions_file, read_predictions, write_all, written_files
 from qatune.eval.sets import EvalError, EvalSet, load_eval_set
 from qatune.files import model_folders, overlapping
 from qatune.runtime import Runtime
@@ -37,6 +37,10 @@ if TYPE_CHECKING:
     from qatune.data.templates import ChatTemplate
 
 COMPARED = ("base", "tuned")  # the labels of a comparison
+INTERVAL_METHOD = ("paired over items (both models answer the same ones): percentile bootstrap of the mean "
+                   "difference for generation metrics and answer shares, of the corpus perplexity difference for "
+                   "perplexity; exact McNemar test on right/wrong flips for multiple choice, with the interval from "
+                   "Clopper-Pearson on the flips. 'no significant change' when the interval holds zero")
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class EvalPlan:
     dtype: "torch.dtype"  # every model's, from runtime.dtype(model)
     output_dir: Path
     overwrites: tuple[str, ...]  # files of an earlier evaluation in output_dir that this one replaces
+    previous: tuple[dict[str, Any], ...] = ()  # eval.gate.previous's tuned predictions, for the gate
 
     @property
     def compares(self) -> bool:
@@ -87,9 +92,11 @@ class EvalResult:
     predictions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # by model label
 
     def headline(self) -> dict[str, Any]:
-        """The report's path, the deltas and the forgetting warnings: what a training report keeps of it."""
+        """The report's path, the deltas, the forgetting warnings and the diagnosis' titles: what a training
+        report keeps of it."""
         return {"report": str(self.output_dir / REPORT_JSON), "deltas": self.report.get("deltas", {}),
-                "forgetting_warnings": self.report.get("forgetting", {}).get("warnings", [])}
+                "forgetting_warnings": self.report.get("forgetting", {}).get("warnings", []),
+                "diagnosis": [f["title"] for f in self.report.get("diagnosis", {}).get("findings", [])]}
 
 
 def load_sets(cfg: EvalConfig, encoding: str = "utf-8") -> list[EvalSet]:
@@ -121,7 +128,18 @@ def plan(config: QatuneConfig, runtime: Runtime, specs: list[ModelSpec],
         raise EvalError(f"eval.output_dir {out} is (or holds) the model folder {inside}: reports never go among "
                         "the weights they evaluate", hint="choose another eval.output_dir (--out)")
     overwrites = tuple(name for name in written_files([s.label for s in specs]) if (out / name).exists())
-    return EvalPlan(config, runtime, tuple(specs), tuple(sets), runtime.dtype(config.model), out, overwrites)
+    previous: list[dict[str, Any]] = []
+    if cfg.judge.mode in ("pairwise", "both") and tuple(s.label for s in specs) != COMPARED:
+        raise EvalError(f"eval.judge.mode {cfg.judge.mode} picks the better of a base and a tuned answer",
+                        hint="run qatune eval --compare BASE TUNED, or set eval.judge.mode=score")
+    if cfg.gate.enabled:
+        if tuple(s.label for s in specs) != COMPARED:
+            raise EvalError("eval.gate (--gate) decides between a base and a tuned model",
+                            hint="run qatune eval --compare BASE TUNED --gate")
+        if cfg.gate.previous:
+            previous = read_predictions(Path(cfg.gate.previous) / predictions_file("tuned"))
+    return EvalPlan(config, runtime, tuple(specs), tuple(sets), runtime.dtype(config.model), out, overwrites,
+                    tuple(previous))
 
 
 def setup(plan: EvalPlan) -> EvalComponents:
@@ -164,22 +182,59 @@ def run(plan: EvalPlan, components: EvalComponents) -> EvalResult:
         for s in plan.sets:
             summary, rows = evaluate_set(loaded.model, loaded.tokenizer, loaded.template, s, cfg,
                                          plan.config.data.max_length)
+            for preset in cfg.decoding_presets:
+                summary.setdefault("presets", {})[preset] = answer_with_preset(
+                    loaded.model, loaded.tokenizer, loaded.template, s, cfg, preset, rows)
             scores.setdefault(s.name, {})[spec.label] = summary
             predictions[spec.label] += rows
         console.print(f"  done in {time.perf_counter() - started:.0f} s")
         del loaded  # the next model loads into the memory this one held
         gc.collect()
+    judged = run_judge(plan, scores, predictions) if cfg.judge.mode != "off" else None
 
     if plan.overwrites:
         console.print(f"Replacing {', '.join(plan.overwrites)} of an earlier evaluation in {plan.output_dir}/")
     plan.output_dir.mkdir(parents=True, exist_ok=True)
-    report = _report(plan, scores, predictions)
+    report = _report(plan, scores, predictions, judged)
     write_all(report, predictions, plan.output_dir)  # adds report["files"]
     return EvalResult(plan.output_dir, report, predictions)
 
 
+def run_judge(plan: EvalPlan, scores: dict[str, dict[str, dict[str, Any]]],
+              predictions: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """eval.judge on the answers: scores into each row (`judge`) and each set's summary; the pairwise win rates."""
+    from qatune.eval import judge
+
+    cfg, console = plan.config.eval, plan.runtime.console
+    free = None
+    if cfg.judge.endpoint.url:
+        from qatune.endpoint import describe
+
+        ask, name = judge.endpoint_judge(cfg), describe(cfg.judge.endpoint)
+    else:
+        ask, free = judge.local_judge(cfg, plan.config.model, plan.runtime)
+        name = str(cfg.judge.model)
+    console.print(f"Judging the answers with {name} ({cfg.judge.mode})")
+    out: dict[str, Any] = {"judge": name, "mode": cfg.judge.mode}
+    try:
+        if cfg.judge.mode in ("score", "both"):
+            out["scored"] = {label: judge.score_answers(ask, rows) for label, rows in predictions.items()}
+            for s in plan.sets:
+                for label, rows in predictions.items():
+                    if s.qa:
+                        scores[s.name][label].update(judge.judge_summary([r for r in rows if r["set"] == s.name], cfg))
+        if cfg.judge.mode in ("pairwise", "both"):
+            out["pairwise"] = {s.name: judge.pairwise(ask, compare.paired(predictions, s.name), cfg)
+                               for s in plan.sets if s.qa}
+    finally:
+        if free is not None:
+            free()
+            gc.collect()
+    return out
+
+
 def _report(plan: EvalPlan, scores: dict[str, dict[str, dict[str, Any]]],
-            predictions: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+            predictions: dict[str, list[dict[str, Any]]], judged: dict[str, Any] | None = None) -> dict[str, Any]:
     cfg = plan.config.eval
     report = {
         "qatune_version": __version__, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -187,18 +242,36 @@ def _report(plan: EvalPlan, scores: dict[str, dict[str, dict[str, Any]]],
         "device": plan.runtime.device, "dtype": str(plan.dtype).removeprefix("torch."),
         "decoding": {**{k: getattr(cfg.decoding, k) for k in ("max_new_tokens", "temperature", "top_p",
                                                               "repetition_penalty")}, "batch_size": cfg.batch_size},
-        "methods": {**metrics.METHODS, "bleu_signatures": metrics.bleu_signatures()},
+        "confidence": {"level": cfg.confidence, "bootstrap_resamples": cfg.bootstrap_resamples, "seed": cfg.seed},
+        "methods": {**metrics.METHODS, "degenerate": degenerate.METHOD, "intervals": INTERVAL_METHOD,
+                    "bleu_signatures": metrics.bleu_signatures()},
         "sets": [{"name": s.name, "role": s.role, "qa_items": len(s.qa), "choice_items": len(s.choice),
                   "skipped": s.skipped.by_reason(),
                   "skipped_items": [dataclasses.asdict(d) for d in s.skipped.drops]} for s in plan.sets],
         "scores": scores,
     }
+    if judged is not None:
+        report["judge"] = judged
     if plan.compares:
+        sets = list(plan.sets)
         report["deltas"] = {name: compare.deltas(by_model["base"], by_model["tuned"])
                             for name, by_model in scores.items()}
-        report["forgetting"] = compare.forgetting_check(list(plan.sets), predictions, scores,
-                                                        cfg.forgetting_threshold)
+        by_set = compare.all_intervals(sets, predictions, cfg)
+        report["intervals"] = {name: {metric: i.as_dict() for metric, i in found.items()}
+                               for name, found in by_set.items()}
+        report["forgetting"] = compare.forgetting_check(sets, predictions, scores, cfg.forgetting_threshold,
+                                                        cfg.confidence)
         report["side_by_side"] = compare.side_by_side(predictions, cfg.side_by_side)
+        if cfg.gate.enabled:
+            decisions = [compare.gate(by_set, sets, report["forgetting"], cfg.gate)]
+            if plan.previous:
+                against = {"previous": list(plan.previous), "tuned": predictions["tuned"]}
+                decisions.append(compare.gate(compare.all_intervals(sets, against, cfg, base="previous"), sets,
+                                              None, cfg.gate, against=f"the previous tuned model ({cfg.gate.previous})"))
+            report["gate"] = compare.merge_gates(decisions)
+        tuned = plan.specs[-1]
+        report["diagnosis"] = diagnosis.diagnose(predictions,
+                                                 diagnosis.read_training_evidence(tuned.adapter or tuned.model))
     return report
 
 
@@ -224,16 +297,23 @@ def evaluate_set(model: Any, tokenizer: Any, template: Any, eval_set: EvalSet, c
         for item, answer, loss in zip(eval_set.qa, answers, losses):
             rows.append({"set": eval_set.name, "id": item.id, "question": item.question, "reference": item.reference,
                          "prediction": answer.text, "scores": metrics.score_answer(answer.text, item.reference),
-                         "reference_loss": loss[0] if loss else None, "new_tokens": answer.new_tokens,
-                         "latency_s": answer.seconds})
+                         "flags": degenerate.answer_flags(item.question, answer.text, answer.new_tokens,
+                                                          cfg.decoding.max_new_tokens),
+                         "reference_loss": loss[0] if loss else None, "reference_tokens": loss[1] if loss else 0,
+                         "new_tokens": answer.new_tokens, "latency_s": answer.seconds})
         latencies = [r["latency_s"] for r in rows]
-        summary.update({name: metrics.mean([r["scores"][name] for r in rows]) for name in metrics.TEXT_METRICS})
+        summary.update(_answer_scores(rows))
         summary.update({
             "perplexity": corpus_perplexity(losses), "answers": len(rows),
             "empty_answers": sum(1 for r in rows if not r["prediction"].strip()),
             "latency_p50_s": metrics.percentile(latencies, 50), "latency_p95_s": metrics.percentile(latencies, 95),
             "tokens_per_s": sum(r["new_tokens"] for r in rows) / seconds if seconds else 0.0,
         })
+    if eval_set.pairs:  # a preference set: how often the model finds the chosen answer likelier (eval.preference)
+        from qatune.eval.preference import pairwise
+
+        pairs = pairwise(model, tokenizer, template, eval_set.pairs)
+        summary.update({"pair_win_rate": 100 * pairs["win_rate"], "pair_margin": pairs["mean_margin"]})
     if eval_set.choice:
         picks = choice_predictions(model, tokenizer, template, eval_set.choice, pad_id, cfg.batch_size)
         for item, pick in zip(eval_set.choice, picks):
@@ -245,3 +325,34 @@ def evaluate_set(model: Any, tokenizer: Any, template: Any, eval_set: EvalSet, c
                         "accuracy_raw": 100 * metrics.mean([r["correct_raw"] for r in judged]),
                         "choice_items": len(judged)})
     return summary, rows
+
+
+def _answer_scores(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean text metrics, then degenerate-answer shares and distinct-1/2, of Q&A rows."""
+    return {**{name: metrics.mean([r["scores"][name] for r in rows]) for name in metrics.TEXT_METRICS},
+            **degenerate.summary(rows)}
+
+
+def answer_with_preset(model: Any, tokenizer: Any, template: Any, eval_set: EvalSet, cfg: EvalConfig, preset: str,
+                       rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The set's questions answered again with a named decoding (eval.max_new_tokens kept): its metrics and
+    degenerate-answer shares; each Q&A row keeps that answer under `presets`. Seeded by eval.seed."""
+    import torch
+
+    from qatune.config.eval import DECODING_PRESETS
+    from qatune.infer.generation import generate
+
+    if not eval_set.qa:
+        return {}
+    decoding = cfg.decoding.model_copy(update=DECODING_PRESETS[preset])
+    torch.manual_seed(cfg.seed)  # sampled presets give the same answers run after run
+    answers = generate(model, tokenizer, template.source, [item.prompt for item in eval_set.qa], decoding,
+                       template.end_of_turn_id, cfg.batch_size)
+    answered = []
+    for item, answer, row in zip(eval_set.qa, answers, (r for r in rows if "prediction" in r)):
+        found = {"prediction": answer.text, "scores": metrics.score_answer(answer.text, item.reference),
+                 "flags": degenerate.answer_flags(item.question, answer.text, answer.new_tokens,
+                                                  decoding.max_new_tokens)}
+        row.setdefault("presets", {})[preset] = found
+        answered.append(found)
+    return _answer_scores(answered)

@@ -79,6 +79,9 @@ class EvalSet:
     qa: list[QAItem] = field(default_factory=list)
     choice: list[ChoiceItem] = field(default_factory=list)
     skipped: DropLog = field(default_factory=lambda: DropLog(reasons=SKIP_REASONS))
+    # preference records (chosen, rejected): (prompt, chosen, rejected), scored by eval.preference; the chosen
+    # answer is also the item's reference
+    pairs: list[tuple[list[dict[str, str]], str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.qa) + len(self.choice)
@@ -122,6 +125,8 @@ def load_eval_set(source: SourceConfig, role: str = "domain", max_items: int | N
                 out.skipped.add(NO_REFERENCE, name, raw.location, "the reference answer is empty")
                 continue
             out.qa.append(item)
+            if conv.rejected is not None:
+                out.pairs.append((item.prompt, item.reference, "\n".join(m["content"] for m in conv.rejected)))
     if not len(out):
         reasons = ", ".join(f"{n} {r}" for r, n in out.skipped.by_reason().items()) or "no records"
         raise EvalError(f"no usable evaluation item ({reasons})", Location(str(source.path)),

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 from qatune.config import DecodingConfig, QatuneConfig
 from qatune.errors import QatuneError
+from qatune.export.gguf import GGUFExportError
+from qatune.export.report import markdown
 from qatune.files import model_folders, overlapping, write_json, write_text
 from qatune.models import ADAPTER_FILE, AdapterInfo, ModelLocation
 from qatune.runtime import Runtime
@@ -40,9 +42,10 @@ if TYPE_CHECKING:
     import torch
 
     from qatune.data.templates import ChatTemplate
+    from qatune.eval.sets import EvalSet
 
 REPORT_FILE = "export_report.json"
-MODELFILE = "Modelfile"
+REPORT_MD = "export_report.md"
 QUANTIZED_DIRS = {"int8": "int8", "bnb-8bit": "bnb-8bit", "bnb-4bit": "bnb-4bit"}
 
 
@@ -60,6 +63,7 @@ class ExportPlan:
     adapter: AdapterInfo | None  # merged into the model; None exports the model as it is
     model: ModelLocation  # where the base's weights are
     save_dtype: "torch.dtype | None"  # None (export.dtype auto): the base model's own, known once it is loaded
+    heldout: "tuple[EvalSet, ...]" = ()  # export.perplexity_data, read: the GGUF files' perplexity set
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ def plan(config: QatuneConfig, runtime: Runtime) -> ExportPlan:
             raise ExportError(problem[0], hint=f"{problem[1]}; or use --quantize int8")
     if cfg.quantize == "int8":
         _require("torchao", "--quantize int8")
+    heldout = _gguf_refusals(config) if cfg.gguf or cfg.gguf_adapter else ()
     adapter = None
     if cfg.adapter:
         adapter = read_adapter(cfg.adapter)
@@ -109,9 +114,37 @@ def plan(config: QatuneConfig, runtime: Runtime) -> ExportPlan:
         if not adapter.is_lora:
             raise ExportError(f"a {adapter.kind} adapter cannot be merged into the weights (only LoRA can)",
                               hint="serve it as base + adapter, or train with method.name=lora")
+    if cfg.gguf_adapter:
+        import json
+
+        from qatune.export.gguf import lora_gguf_problem
+
+        if adapter is None:
+            raise ExportError("--gguf-adapter writes the adapter as a GGUF LoRA adapter, and no adapter was given",
+                              hint="pass --adapter A (a lora/qlora training output)")
+        problem = lora_gguf_problem(json.loads((adapter.path / ADAPTER_FILE).read_text(encoding="utf-8")))
+        if problem:
+            raise ExportError(f"{adapter.path} cannot be written as a GGUF LoRA adapter: {problem}",
+                              hint="export it merged instead: --gguf f16 (or q8_0, q4_k_m...)")
     return ExportPlan(config, runtime, out, staging=out.parent / f".{out.name}.partial-{os.getpid()}",
                       deletes_existing=out.exists(), adapter=adapter, model=locate_model(config.model),
-                      save_dtype=None if cfg.dtype == "auto" else _torch_dtype(cfg.dtype))
+                      save_dtype=None if cfg.dtype == "auto" else _torch_dtype(cfg.dtype), heldout=heldout)
+
+
+def _gguf_refusals(config: QatuneConfig) -> "tuple[EvalSet, ...]":
+    """A k-quant without llama.cpp is refused; the perplexity set is read (its errors name file and line)."""
+    from qatune.eval.sets import load_eval_set
+    from qatune.export.gguf import K_QUANTS
+    from qatune.export.llamacpp import require_llama_cpp
+
+    cfg = config.export
+    if cfg.gguf in K_QUANTS:
+        try:
+            require_llama_cpp(f"--gguf {cfg.gguf}")
+        except GGUFExportError as exc:
+            raise ExportError(exc.message, hint=exc.hint) from None
+    return tuple(load_eval_set(source, "domain", cfg.perplexity_records, config.data.encoding)
+                 for source in cfg.perplexity_data)
 
 
 def _require(module: str, what: str) -> None:
@@ -168,7 +201,10 @@ def run(plan: ExportPlan, parts: ExportComponents) -> ExportResult:
     staging.mkdir(parents=True)
     try:
         with progress_bars_off():
-            report = _write_export(plan, parts, staging)
+            try:
+                report = _write_export(plan, parts, staging)
+            except GGUFExportError as exc:  # its fix names the folder written: the final one, not the staging one
+                raise ExportError(exc.message, hint=(exc.hint or "").replace(str(staging), str(out)) or None) from None
         _refuse_pickles(staging)
         if plan.deletes_existing:
             shutil.rmtree(out) if out.is_dir() else out.unlink()
@@ -179,6 +215,7 @@ def run(plan: ExportPlan, parts: ExportComponents) -> ExportResult:
     report["wall_time_s"] = time.perf_counter() - parts.started
     report["files"] = _files(out)
     write_json(out / REPORT_FILE, report)
+    write_text(out / REPORT_MD, markdown(report))
     return ExportResult(out, report)
 
 
@@ -203,36 +240,45 @@ def _write_export(plan: ExportPlan, parts: ExportComponents, folder: Path) -> di
     model, tokenizer, template = parts.model, parts.tokenizer, parts.template
     questions = [[{"role": "user", "content": q}] for q in cfg.check_questions]
     checks: dict[str, Any] = {}
-    reference = _answers(model, tokenizer, template, questions, cfg.check_max_new_tokens)
-    merged_answers = reference
+    merged = answers_of(model, tokenizer, template, questions, cfg.check_max_new_tokens)
+    merged_answers = reference = [a.text for a in merged]
+    tokenizer.save_pretrained(folder)  # first: the GGUF writer reads its merges from the folder
+    if cfg.gguf_adapter:  # the base goes into GGUF before the merge changes its weights
+        from qatune.export.gguf_step import write_base
+
+        write_base(plan, model, tokenizer, folder)
     if plan.adapter:
         model = model.merge_and_unload()
         console.print(f"Merged {cfg.adapter} into {plan.config.model.name_or_path}")
-        merged_answers = _answers(model, tokenizer, template, questions, cfg.check_max_new_tokens)
-        checks["merged"] = _compare(cfg.check_questions, reference, merged_answers)
+        merged = answers_of(model, tokenizer, template, questions, cfg.check_max_new_tokens)
+        merged_answers = [a.text for a in merged]
+        checks["merged"] = compare(cfg.check_questions, reference, merged_answers)
 
     model.to(parts.save_dtype).save_pretrained(folder, max_shard_size=cfg.max_shard_size, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
     save_generation_config(model, tokenizer, template.end_of_turn_id, folder)
     console.print(f"Wrote the merged model ({str(parts.save_dtype).removeprefix('torch.')})")
     if not plan.adapter:  # nothing was merged: check the folder just written against the model as loaded
-        checks["saved"] = _compare(cfg.check_questions, reference,
-                                   _answers(_read_back(folder), tokenizer, template, questions,
-                                            cfg.check_max_new_tokens))
-
-    if cfg.gguf:
-        from qatune.export.gguf import modelfile, source_pre_tokenizer, write_gguf
-
-        loc = plan.model
-        pre = source_pre_tokenizer(Path(loc.path) / loc.gguf_file) if loc.gguf_file else None
-        name = f"model-{cfg.gguf}.gguf"
-        write_gguf(model.float(), tokenizer, folder, folder / name, cfg.gguf, plan.output_dir.name, pre or "default")
-        write_text(folder / MODELFILE, modelfile(name, template.end_of_turn, plan.config.serve.decoding))
-        checks["gguf"] = _compare(cfg.check_questions, merged_answers,
-                                  _answers(_read_back(folder, gguf_file=name), tokenizer, template, questions,
+        checks["saved"] = compare(cfg.check_questions, reference,
+                                  _answers(read_back(folder), tokenizer, template, questions,
                                            cfg.check_max_new_tokens))
-        checks["gguf"]["pre_tokenizer"] = pre or "default"
-        console.print(f"Wrote {name} and an Ollama {MODELFILE}")
+
+    perplexity = None
+    if cfg.gguf or cfg.gguf_adapter:
+        from qatune.data.templates import render
+        from qatune.export.gguf_step import CheckPrompts, checks_in_llama_cpp, heldout_rows, write_and_check
+        from qatune.infer.generation import prompt_ids, stop_token_ids
+
+        check = CheckPrompts(list(cfg.check_questions),
+                             [render(tokenizer, template.source, q, add_generation_prompt=True) for q in questions],
+                             [prompt_ids(tokenizer, template.source, q) for q in questions], merged,
+                             set(stop_token_ids(tokenizer, template.end_of_turn_id)), cfg.check_max_new_tokens)
+        heldout_name, heldout = (heldout_rows(plan, list(plan.heldout), tokenizer, template)
+                                 if checks_in_llama_cpp(cfg.gguf) else (None, None))
+        gguf_checks, perplexity = write_and_check(plan, model.float(), tokenizer, template, folder, check, heldout,
+                                                  heldout_name)
+        checks.update(gguf_checks)
+        console.print("Wrote " + ", ".join(sorted(p.name for p in folder.iterdir() if p.suffix == ".gguf"
+                                                   or p.name.startswith("Modelfile"))))
     if cfg.quantize:
         checks[cfg.quantize] = _quantize(folder, cfg.quantize, tokenizer, template, questions, cfg, merged_answers,
                                          plan.runtime.compute_dtype())
@@ -240,25 +286,30 @@ def _write_export(plan: ExportPlan, parts: ExportComponents, folder: Path) -> di
 
     return {"qatune_version": __version__, "model": plan.config.model.name_or_path,
             "adapter": cfg.adapter, "dtype": str(parts.save_dtype).removeprefix("torch."),
-            "gguf": cfg.gguf, "quantize": cfg.quantize, "template": template.name,
-            "end_of_turn": template.end_of_turn, "checks": checks,
+            "gguf": cfg.gguf, "gguf_adapter": cfg.gguf_adapter, "quantize": cfg.quantize, "template": template.name,
+            "end_of_turn": template.end_of_turn, "checks": checks, "gguf_perplexity": perplexity,
             "smoke_answer": {"question": cfg.check_questions[0], "answer": merged_answers[0]} if questions else None}
 
 
-def _answers(model: Any, tokenizer: Any, template: Any, questions: list, max_new_tokens: int) -> list[str]:
+def answers_of(model: Any, tokenizer: Any, template: Any, questions: list, max_new_tokens: int) -> list[Any]:
+    """Greedy answers (text and token ids) to `questions`, as every check of an export makes them."""
     from qatune.infer.generation import generate
 
-    return [a.text for a in generate(model, tokenizer, template.source, questions,
-                                     DecodingConfig(max_new_tokens=max_new_tokens), template.end_of_turn_id)]
+    return generate(model, tokenizer, template.source, questions, DecodingConfig(max_new_tokens=max_new_tokens),
+                    template.end_of_turn_id)
 
 
-def _compare(questions: list[str], expected: list[str], got: list[str]) -> dict[str, Any]:
+def _answers(model: Any, tokenizer: Any, template: Any, questions: list, max_new_tokens: int) -> list[str]:
+    return [a.text for a in answers_of(model, tokenizer, template, questions, max_new_tokens)]
+
+
+def compare(questions: list[str], expected: list[str], got: list[str]) -> dict[str, Any]:
     same = [e == g for e, g in zip(expected, got)]
     return {"identical": sum(same), "questions": len(same),
             "answers": [{"question": q, "expected": e, "got": g} for q, e, g in zip(questions, expected, got)]}
 
 
-def _read_back(folder: Path, gguf_file: str | None = None) -> Any:
+def read_back(folder: Path, gguf_file: str | None = None) -> Any:
     """The written model as transformers loads it, in fp32 (a GGUF file dequantized): the round-trip check."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -303,7 +354,7 @@ def _quantize(folder: Path, kind: str, tokenizer: Any, template: Any, questions:
         model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     model.generation_config.save_pretrained(str(target))
-    result = _compare(cfg.check_questions, merged_answers,
+    result = compare(cfg.check_questions, merged_answers,
                       _answers(model, tokenizer, template, questions, cfg.check_max_new_tokens))
     result["size_mib"] = _size(target) / 2**20
     result["merged_size_mib"] = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20

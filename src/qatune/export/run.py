@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from qatune.config import QatuneConfig
 from qatune.export import recipe
 from qatune.export.recipe import ExportError, ExportResult
+from qatune.export.report import check_lines, perplexity_lines
 from qatune.recipe import execute
 from qatune.runtime import Runtime
 
@@ -18,9 +19,6 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 __all__ = ["ExportError", "ExportResult", "export", "print_summary"]
-
-# What each check's answers are compared with.
-CHECKED_AGAINST = {"merged": "base + adapter", "saved": "the model as loaded"}
 
 
 def export(config: QatuneConfig, runtime: Runtime | None = None) -> ExportResult:
@@ -37,9 +35,5 @@ def print_summary(report: dict[str, Any], console: "Console") -> None:
     for name, size in report["files"].items():
         table.add_row(name, f"{size:,.1f}")
     console.print(table)
-    for kind, check in report["checks"].items():
-        line = (f"{kind}: {check['identical']}/{check['questions']} greedy answers identical to "
-                f"{CHECKED_AGAINST.get(kind, 'the merged model')}")
-        if "size_mib" in check:
-            line += f"; {check['size_mib']:.0f} MiB against {check['merged_size_mib']:.0f} MiB merged"
+    for line in check_lines(report) + perplexity_lines(report):
         console.print(line, markup=False, highlight=False)

@@ -33,6 +33,7 @@ class Answer:
     text: str
     new_tokens: int  # generated tokens, the stop token included
     seconds: float  # from the start of its batch to its last token
+    token_ids: tuple[int, ...] = ()  # the answer's tokens, before the stop token
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
@@ -201,7 +202,7 @@ def generate(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", tem
                 # A cut at max_new_tokens can split a multi-byte character: drop the replacement mark.
                 text = tokenizer.decode(row[:cut], skip_special_tokens=True).strip().rstrip("\ufffd")
                 new_tokens = min(cut + 1, len(row))
-                answers[index] = Answer(text, new_tokens, clock.seconds_until(new_tokens))
+                answers[index] = Answer(text, new_tokens, clock.seconds_until(new_tokens), tuple(row[:cut]))
     return answers
 
 

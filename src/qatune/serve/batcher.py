@@ -17,194 +17,66 @@ prefill is compute-bound, that removes most of the cost of admitting a short que
 LoRA adapters are chosen per row (peft's mixed-adapter batches): every adapter is served on one
 shared base model.
 
-transformers' own continuous batching manager takes no per-request adapter, hence this loop.
+transformers' own continuous batching manager takes no per-request adapter, hence this loop. The queue,
+the engine thread and the stop rules are `scheduling`'s, shared with the llama.cpp engine.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from qatune.serve.guard import ThrottledLog
-from qatune.serve.protocol import EngineDown, QueueFull, Sampling, Update
+from qatune.serve.protocol import Sampling
+from qatune.serve.scheduling import GREEDY_BELOW, BatchLoop, Request, append_token
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-log = logging.getLogger("qatune.serve")
-STEP_FAILED = ThrottledLog(log)  # a step that fails for every batch logs one traceback a minute
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
-GREEDY_BELOW = 1e-5  # a temperature this small is greedy (as in vLLM): dividing by it overflows
 
 
-@dataclass
-class Request:
-    """One generation. `on_update` is called from the engine thread; it must return quickly."""
-
-    prompt_ids: list[int]
-    sampling: Sampling
-    stop_ids: tuple[int, ...]
-    on_update: Callable[[Update], None]
-    adapter: str | None = None
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    generated: list[int] = field(default_factory=list)
-    emitted: int = 0  # characters of the answer already sent
-    generator: "torch.Generator | None" = None
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-
-class ContinuousBatcher:
+class ContinuousBatcher(BatchLoop):
     """The engine: `submit` requests from any thread; `start` runs the loop in its own thread."""
 
     def __init__(self, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", max_batch_size: int = 16,
                  max_queue: int = 64, pad_id: int = 0, on_step: Callable[[int, int, int], None] | None = None,
                  prefixes: dict[str | None, list[int]] | None = None):
+        super().__init__(max_batch_size, max_queue, on_step)
         self.model = model
         self.prefixes = {adapter: ids for adapter, ids in (prefixes or {}).items() if ids}  # by adapter (None: base)
         self._prefix_cache: dict[str | None, list[tuple["torch.Tensor", "torch.Tensor"]]] = {}
         self.tokenizer = tokenizer
-        self.max_batch_size = max_batch_size
-        self.max_queue = max_queue
         self.pad_id = pad_id
-        self.on_step = on_step  # (waiting, running, tokens generated this step) for metrics
         self.mixed_adapters = hasattr(model, "peft_config")
         from qatune.compat.transformers import cache_keyword
 
         self.cache_keyword = cache_keyword(model)  # the forward's KV-cache argument in this transformers
         self.device = next(model.parameters()).device
-        self._waiting: deque[Request] = deque()
-        self._wake = threading.Condition()
-        self._running: list[Request] = []
         self._cache: Any = None
         self._mask: "torch.Tensor | None" = None
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._active = 0  # submitted and not yet finished: what max_queue bounds
 
-    # -- public, any thread -------------------------------------------------------------------
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
+    def _prepare(self, request: Request) -> None:
+        if request.sampling.seed is not None:
+            import torch
 
-    @property
-    def running(self) -> int:
-        return len(self._running)
+            request.generator = torch.Generator(device=self.device).manual_seed(request.sampling.seed)
 
-    @property
-    def active(self) -> int:
-        """Requests submitted and not finished (waiting, being admitted or running), less those that wait
-        after their client left (the next submit drops them)."""
-        with self._wake:
-            return self._active - sum(1 for r in self._waiting if r.cancelled.is_set())
+    def _reset(self) -> None:
+        self._running, self._cache, self._mask = [], None, None
 
-    @property
-    def alive(self) -> bool:
-        """The engine thread runs (False before `start`, after `stop` and once it died)."""
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
-
-    def submit(self, request: Request) -> None:
-        """Queue a request; QueueFull when `max_queue` requests are already submitted and not finished."""
-        with self._wake:
-            if self._thread is not None and not self.alive:
-                raise EngineDown("the engine thread has stopped")
-            if self._active >= self.max_queue:  # requests whose client left go first
-                for gone in [r for r in self._waiting if r.cancelled.is_set()]:
-                    self._waiting.remove(gone)
-                    gone.on_update(Update(finish_reason="cancelled", prompt_tokens=len(gone.prompt_ids)))
-            if self._active >= self.max_queue:
-                raise QueueFull(f"{self.max_queue} requests are already waiting or running")
-            self._count(request)
-            if request.sampling.seed is not None:
-                import torch
-
-                request.generator = torch.Generator(device=self.device).manual_seed(request.sampling.seed)
-            self._waiting.append(request)
-            self._wake.notify()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="qatune-engine", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-    def _count(self, request: Request) -> None:
-        """Count `request` as active until its final update (with a finish reason) is sent."""
-        tell, done = request.on_update, threading.Event()
-
-        def on_update(update: Update) -> None:
-            if update.finish_reason and not done.is_set():
-                done.set()
-                with self._wake:
-                    self._active -= 1
-            tell(update)
-
-        request.on_update = on_update
-        self._active += 1
-
-    # -- the engine thread ----------------------------------------------------------------------
-    def _loop(self) -> None:
-        try:
-            self._steps()
-        except BaseException as exc:  # the thread dies: /health says so, and no request waits for it
-            STEP_FAILED.last = -STEP_FAILED.interval  # this one is always told
-            STEP_FAILED.error("the engine thread died", exc)
-            with self._wake:
-                self._stopping = True
-                pending, self._waiting = list(self._waiting) + self._running, deque()
-            for r in {id(r): r for r in pending}.values():
-                r.on_update(Update(finish_reason="error", error="the engine thread died; the server must restart",
-                                   prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.generated)))
-            self._running, self._cache, self._mask = [], None, None
-
-    def _steps(self) -> None:
+    def _step(self, admitted: list[Request]) -> int | None:
         import torch
 
+        stepped = len(admitted) or len(self._running)  # rows that get a token in this step
         with torch.inference_mode():
-            while True:
-                with self._wake:
-                    while not self._waiting and not self._running and not self._stopping:
-                        self._wake.wait()
-                    if self._stopping:
-                        break
-                    room = self.max_batch_size - len(self._running)
-                    admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
-                admitted = [r for r in admitted if not self._dropped_while_waiting(r)]
-                stepped = len(admitted) or len(self._running)  # rows that get a token in this step
-                try:
-                    if admitted:
-                        self._prefill(admitted)
-                    elif self._running:
-                        self._decode()
-                    else:
-                        continue  # every admitted request had been cancelled
-                except Exception as exc:  # one bad step must not take the service down
-                    STEP_FAILED.error("generation step failed", exc)
-                    for r in {id(r): r for r in self._running + admitted}.values():  # admitted may be running
-                        r.on_update(Update(finish_reason="error", error=f"{type(exc).__name__}: {exc}"[:300],
-                                           prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.generated)))
-                    self._running, self._cache, self._mask = [], None, None
-                if self.on_step is not None:
-                    self.on_step(len(self._waiting), len(self._running), stepped)
-        for r in list(self._waiting) + self._running:
-            r.on_update(Update(finish_reason="cancelled", prompt_tokens=len(r.prompt_ids)))
-
-    def _dropped_while_waiting(self, request: Request) -> bool:
-        if request.cancelled.is_set():
-            request.on_update(Update(finish_reason="cancelled", prompt_tokens=len(request.prompt_ids)))
-            return True
-        return False
+            if admitted:
+                self._prefill(admitted)
+            elif self._running:
+                self._decode()
+            else:
+                return None
+        return stepped
 
     def _forward(self, input_ids: "torch.Tensor", mask: "torch.Tensor", positions: "torch.Tensor", cache: Any,
                  rows: list[Request]) -> "torch.Tensor":
@@ -299,7 +171,7 @@ class ContinuousBatcher:
         tokens = self._next_tokens(rows, logits)
         finished: set[int] = set()
         for i, (request, token) in enumerate(zip(rows, tokens)):
-            reason = self._append(request, token)
+            reason = append_token(request, token, self.tokenizer)
             if reason:
                 finished.add(offset + i)
         if finished or any(r.cancelled.is_set() for r in self._running):
@@ -334,39 +206,13 @@ class ContinuousBatcher:
                 tokens[i] = int(torch.multinomial(probs, 1, generator=r.generator))
         return tokens
 
-    def _append(self, request: Request, token: int) -> str | None:
-        """Add one token to a request and send the new text; the finish reason once it is done."""
-        if request.cancelled.is_set():
-            request.on_update(Update(finish_reason="cancelled", prompt_tokens=len(request.prompt_ids),
-                                     completion_tokens=len(request.generated)))
-            return "cancelled"
-        request.generated.append(token)
-        stopped = token in request.stop_ids
-        answer = request.generated[:-1] if stopped else request.generated
-        text = self.tokenizer.decode(answer, skip_special_tokens=True)
-        reason = "stop" if stopped else None
-        cut = _first_stop(text, request.sampling.stop)
-        if cut is not None:
-            text, reason = text[:cut], "stop"
-        if reason is None and len(request.generated) >= request.sampling.max_new_tokens:
-            reason = "length"
-        # Text that may still become a stop string, or half of a multi-byte character, waits.
-        ready = text if reason else text[:len(text) - _held_back(text, request.sampling.stop)]
-        if reason == "length":
-            ready = ready.rstrip("\ufffd")
-        delta, request.emitted = ready[request.emitted:], max(request.emitted, len(ready))
-        if delta or reason:
-            request.on_update(Update(delta, reason, len(request.prompt_ids), len(request.generated)))
-        return reason
-
     def _drop(self, finished: set[int]) -> None:
         import torch
 
         keep = [i for i, r in enumerate(self._running) if i not in finished and not r.cancelled.is_set()]
         for i, r in enumerate(self._running):
             if i not in finished and r.cancelled.is_set():
-                r.on_update(Update(finish_reason="cancelled", prompt_tokens=len(r.prompt_ids),
-                                   completion_tokens=len(r.generated)))
+                r.finish("cancelled")
         if not keep:
             self._running, self._cache, self._mask = [], None, None
             return
@@ -381,15 +227,3 @@ class ContinuousBatcher:
             for layer in self._cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
 
-
-def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    found = [text.find(s) for s in stops if s and s in text]
-    return min(found) if found else None
-
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """Characters at the end of `text` to hold back: half of a multi-byte character, or a possible start of a stop string."""
-    hold = len(text) - len(text.rstrip("\ufffd"))
-    for s in stops:
-        hold = max([hold] + [n for n in range(1, min(len(s) - 1, len(text)) + 1) if text.endswith(s[:n])])
-    return hold

@@ -6,30 +6,22 @@ mixes rows of different adapters (peft's `adapter_names`).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from qatune.serve.batcher import ContinuousBatcher, Request
-from qatune.serve.protocol import Generation, Sampling, ServedModel
+from qatune.serve.batcher import ContinuousBatcher
+from qatune.serve.protocol import ServedModel, template_prefix
+from qatune.serve.scheduling import BatchedEngine
 
 if TYPE_CHECKING:
     from qatune.config import ModelConfig, ServeConfig
     from qatune.runtime import Runtime
 
 
-class LocalEngine:
+class LocalEngine(BatchedEngine):
     """transformers model with its adapters, decoded by a ContinuousBatcher in its own thread."""
 
     kind = "hf"
-
-    def __init__(self, batcher: ContinuousBatcher, models: dict[str, ServedModel], default_model: str,
-                 max_positions: int | None) -> None:
-        self.batcher = batcher
-        self.tokenizer = batcher.tokenizer
-        self.models = models
-        self.default_model = default_model
-        self.max_positions = max_positions
 
     @classmethod
     def load(cls, model_cfg: "ModelConfig", serve_cfg: "ServeConfig", models: dict[str, ServedModel],
@@ -52,40 +44,3 @@ class LocalEngine:
         batcher = ContinuousBatcher(model, tokenizer, serve_cfg.max_batch_size, serve_cfg.max_queue, pad_id, on_step,
                                     prefixes)
         return cls(batcher, models, default_model, getattr(model.config, "max_position_embeddings", None))
-
-    @property
-    def queue_depth(self) -> int:
-        return self.batcher.waiting
-
-    @property
-    def in_flight(self) -> int:
-        return self.batcher.active
-
-    @property
-    def alive(self) -> bool:
-        return self.batcher.alive
-
-    def start(self) -> None:
-        self.batcher.start()
-
-    def stop(self) -> None:
-        self.batcher.stop()
-
-    def generate(self, prompt_ids: list[int], sampling: Sampling, model: str) -> Generation:
-        served = self.models[model]
-        holder: list[Request] = []
-        generation = Generation(asyncio.get_running_loop(), lambda: holder[0].cancel())
-        request = Request(prompt_ids, sampling, served.stop_ids, generation.deliver,
-                          adapter=served.name if served.adapter else None)
-        holder.append(request)
-        self.batcher.submit(request)
-        return generation
-
-
-def template_prefix(tokenizer: Any, served: ServedModel) -> list[int]:
-    """The tokens every one-question prompt of this model starts with (system prompt and headers)."""
-    from qatune.infer.generation import prompt_ids
-
-    first, second = (prompt_ids(tokenizer, served.template.source, [{"role": "user", "content": q}]) for q in "ab")
-    shared = next((i for i, (x, y) in enumerate(zip(first, second)) if x != y), min(len(first), len(second)))
-    return first[:shared]

@@ -1,7 +1,7 @@
 """What the HTTP layer asks of an engine, and the values that cross between them.
 
-Every engine (`hf_engine.LocalEngine`, `vllm_engine.VLLMEngine`) imports these and nothing of the
-others, so engines never import each other; `serve.recipe` is the one place that picks an engine.
+Every engine (`hf_engine.LocalEngine`, `llamacpp_engine.LlamaCppEngine`, `vllm_engine.VLLMEngine`) imports
+these and nothing of the others, so engines never import each other; `serve.recipe` is the one place that picks an engine.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from qatune.errors import QatuneError
 if TYPE_CHECKING:
     from qatune.data.templates import ChatTemplate
 
-__all__ = ["Engine", "EngineDown", "Generation", "QueueFull", "Sampling", "ServeError", "ServedModel", "Update", "chat_prompt"]
+__all__ = ["Engine", "EngineDown", "Generation", "QueueFull", "Sampling", "ServeError", "ServedModel", "Update", "chat_prompt",
+           "template_prefix"]
 
 
 class ServeError(QatuneError):
@@ -122,3 +123,13 @@ def chat_prompt(engine: Engine, model: str, messages: list[dict[str, str]]) -> l
     from qatune.infer.generation import prompt_ids
 
     return prompt_ids(engine.tokenizer, engine.models[model].template.source, messages)
+
+
+def template_prefix(tokenizer: Any, served: ServedModel) -> list[int]:
+    """The tokens every one-question prompt of this model starts with (system prompt and headers): what an
+    engine computes once and shares between requests."""
+    from qatune.infer.generation import prompt_ids
+
+    first, second = (prompt_ids(tokenizer, served.template.source, [{"role": "user", "content": q}]) for q in "ab")
+    shared = next((i for i, (x, y) in enumerate(zip(first, second)) if x != y), min(len(first), len(second)))
+    return first[:shared]

@@ -1,10 +1,14 @@
 """`qatune serve` as a recipe: plan (checks, touches nothing) -> setup (loads the engine) -> run (HTTP).
 
-`plan` refuses everything it can before a weight is read: two models of one name, an adapter
-folder that is missing, not an adapter or not LoRA (only LoRA adapters share one base in a
-batch), and vLLM without its package or a CUDA GPU. `setup` loads each model's tokenizer and chat
-template and then the engine `serve.engine` names (this module is the only one that imports an
-engine, so engines never import each other). `run` starts the engine and serves until Ctrl-C.
+`plan` picks the engine (`serve.engine: auto`: llamacpp on a CPU where llama-cpp-python is
+installed, vllm on a CUDA GPU where vLLM is, else hf) and refuses everything it can before a
+weight is read: two models of one name, an adapter folder that is missing, not an adapter or not
+LoRA (only LoRA adapters share one base in a batch), vLLM without its package or a CUDA GPU,
+llamacpp without llama-cpp-python. `setup` prints the engine and why, loads each model's
+tokenizer and chat template and then the engine (this module is the only one that imports an
+engine, so engines never import each other); for llamacpp it finds or converts each model's GGUF
+first, and under `auto` a model the GGUF writer cannot express is served by hf instead, saying so.
+`run` starts the engine and serves until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ class ServePlan:
     runtime: "Runtime"
     models: tuple[PlannedModel, ...]  # the base first, then serve.adapters in their order
     default_model: str  # the first adapter, else the base: what /answer and requests without `model` get
+    engine: str = "hf"  # hf | llamacpp | vllm: serve.engine, with auto decided
+    engine_reason: str = "serve.engine hf"  # why, as printed
 
     @property
     def url(self) -> str:
@@ -65,10 +71,15 @@ def plan(config: "QatuneConfig", runtime: "Runtime") -> ServePlan:
     """Every check that needs no weights; reads adapter configs, writes and loads nothing."""
     from qatune.models import locate_model
 
-    if config.serve.engine == "vllm":
+    engine, reason = pick_engine(config.serve.engine, runtime.device)
+    if engine == "vllm":
         from qatune.serve.vllm_engine import check_vllm
 
         check_vllm(runtime.device)
+    if engine == "llamacpp":
+        from qatune.serve.llamacpp_engine import check_llamacpp
+
+        check_llamacpp(config.serve.max_batch_size)
     locate_model(config.model)  # a model that is nowhere is reported before any adapter
     base_name = Path(config.model.name_or_path).name or config.model.name_or_path
     models = [PlannedModel(base_name, None, None)]
@@ -77,7 +88,25 @@ def plan(config: "QatuneConfig", runtime: "Runtime") -> ServePlan:
             raise ServeError(f"two served models are called {name!r}",
                              hint="give each adapter its own name: serve.adapters: {name: folder}")
         models.append(PlannedModel(name, folder, _lora_adapter(name, folder)))
-    return ServePlan(config, runtime, tuple(models), next(iter(config.serve.adapters), base_name))
+    return ServePlan(config, runtime, tuple(models), next(iter(config.serve.adapters), base_name), engine, reason)
+
+
+def pick_engine(asked: str, device: str) -> tuple[str, str]:
+    """The engine serve.engine names, with `auto` decided from the device and what is installed; and why."""
+    import importlib.util
+
+    if asked != "auto":
+        return asked, f"serve.engine {asked}"
+    if device == "cuda":
+        if importlib.util.find_spec("vllm") is not None:
+            return "vllm", "serve.engine auto: a CUDA GPU, and vLLM is installed"
+        return "hf", "serve.engine auto: a CUDA GPU, and vLLM is not installed (pip install 'qatune[vllm]')"
+    from qatune.serve.llamacpp_api import installed
+
+    if installed():
+        return "llamacpp", "serve.engine auto: a CPU, and llama-cpp-python is installed"
+    return "hf", ("serve.engine auto: a CPU, and llama-cpp-python is not installed (pip install 'qatune[llamacpp]' "
+                  "answers several times faster here)")
 
 
 def _lora_adapter(name: str, folder: str) -> "AdapterInfo":
@@ -100,18 +129,49 @@ def setup(plan: ServePlan) -> ServeComponents:
 
     config, metrics = plan.config, ServiceMetrics()
     models, tokenizer = _served_models(plan)
+    plan.runtime.console.print(f"Engine {plan.engine} ({plan.engine_reason})", highlight=False, soft_wrap=True)
+    ggufs = _gguf_files(plan) if plan.engine == "llamacpp" else None
     engine: Engine
-    if config.serve.engine == "vllm":
+    if ggufs is not None:
+        from qatune.serve.llamacpp_engine import LlamaCppEngine
+
+        engine = LlamaCppEngine.load(config.serve, models, plan.default_model, tokenizer, ggufs, metrics.on_step)
+    elif plan.engine == "vllm":
         from qatune.serve.vllm_engine import VLLMEngine
 
         ranks = [m.adapter.rank for m in plan.models if m.adapter is not None]
-        engine = VLLMEngine.load(config.model, config.serve, models, plan.default_model, tokenizer, ranks)
+        engine = VLLMEngine.load(config.model, config.serve, models, plan.default_model, tokenizer, ranks,
+                                 plan.runtime.dtype(config.model))
     else:
         from qatune.serve.hf_engine import LocalEngine
 
         engine = LocalEngine.load(config.model, config.serve, models, plan.default_model, plan.runtime, tokenizer,
                                   metrics.on_step)
     return ServeComponents(engine, metrics)
+
+
+def _gguf_files(plan: ServePlan) -> dict[str, Path] | None:
+    """Each served model's GGUF file, by name (converted once where it is a Hugging Face model or an adapter);
+    None where the GGUF writer cannot express the model and serve.engine is auto (hf serves it then)."""
+    from qatune.export.gguf import GGUFExportError
+    from qatune.serve.gguf_files import converted, model_gguf
+
+    config, console = plan.config, plan.runtime.console
+    qtype = config.serve.llamacpp_gguf
+    try:
+        files = {plan.models[0].name: model_gguf(config.model, qtype, console)}
+        for planned in plan.models[1:]:  # each adapter merged into its own GGUF
+            files[planned.name] = converted(config.model, planned.folder, qtype, console)
+    except GGUFExportError as exc:
+        if config.serve.engine != "auto":
+            raise ServeError(f"llama.cpp cannot serve this model: {exc.message}",
+                             hint=f"{exc.hint}; or use serve.engine=hf" if exc.hint else "use serve.engine=hf") from None
+        console.print(f"Engine hf instead: llama.cpp cannot serve this model ({exc.message})", highlight=False,
+                      soft_wrap=True)
+        return None
+    for name, path in files.items():
+        console.print(f"  {name}: {path}", highlight=False, soft_wrap=True)
+    return files
 
 
 def _served_models(plan: ServePlan) -> tuple[dict[str, ServedModel], Any]:

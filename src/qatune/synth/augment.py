@@ -29,7 +29,7 @@ from qatune.data.records import (
 from qatune.data.sources import LoadedData
 from qatune.errors import DataError
 from qatune.runtime import Runtime
-from qatune.synth.generator import Generator
+from qatune.synth.generator import Generator, Journal, Teacher
 from qatune.synth.output import SynthResult, long_enough, write_output
 from qatune.synth.prompts import (
     AUGMENT_FIELDS,
@@ -55,7 +55,7 @@ class AugmentComponents:
     loaded: LoadedData  # data.sources, read and cleaned
     single_turn: list[Conversation]  # the questions that can be paraphrased (one user turn, one answer)
     index: clean.QuestionIndex  # every original question, then each paraphrase kept
-    generator: Generator
+    teacher: Teacher
 
 
 def plan(config: QatuneConfig, runtime: Runtime) -> AugmentPlan:
@@ -70,14 +70,15 @@ def plan(config: QatuneConfig, runtime: Runtime) -> AugmentPlan:
     inputs = [f for _, found in source_files(config.data.sources) for f in found]
     output, replaces = decide_output(cfg.output, cfg.overwrite, "augment.output", inputs)
     prompts = load_prompt(cfg.prompt, AUGMENT_PROMPTS, AUGMENT_FIELDS, "question")
-    locate_model(config.model)
+    if not config.endpoint.url:
+        locate_model(config.model)
     return AugmentPlan(config, runtime, output, replaces, prompts)
 
 
 def setup(plan: AugmentPlan, generator: Generator | None = None) -> AugmentComponents:
-    """The sources read and cleaned, their questions indexed, then the model (`generator` stands in for it)."""
+    """The sources read and cleaned, their questions indexed, then the teacher (`generator` stands in for it)."""
     from qatune.data.sources import load_domain
-    from qatune.synth.generator import model_generator
+    from qatune.synth.generator import teacher
     from qatune.synth.output import question_index
 
     started = time.perf_counter()
@@ -86,8 +87,8 @@ def setup(plan: AugmentPlan, generator: Generator | None = None) -> AugmentCompo
     single = [c for c in loaded.domain if not c.is_text and [m["role"] for m in c.messages if m["role"] != "system"]
               == ["user", "assistant"]]
     index = question_index(config, loaded.domain, "the question at ")
-    generator = generator or model_generator(config, plan.runtime, cfg.decoding, cfg.batch_size)
-    return AugmentComponents(started, loaded, single, index, generator)
+    writer = teacher(config, plan.runtime, cfg.decoding, cfg.batch_size, generator)
+    return AugmentComponents(started, loaded, single, index, writer)
 
 
 def run(plan: AugmentPlan, components: AugmentComponents) -> SynthResult:
@@ -103,7 +104,8 @@ def run(plan: AugmentPlan, components: AugmentComponents) -> SynthResult:
         text = plan.prompts[language].format(question=conv.question, answer=conv.answer, count=cfg.per_question,
                                              language=LANGUAGE_NAMES[language])
         texts += [text] * cfg.samples
-    outputs = generate_in_slices(components.generator, texts, cfg.batch_size * 4, "outputs", plan.runtime.console)
+    journal = Journal(plan.output)
+    outputs, resumed = generate_in_slices(components.teacher, texts, "outputs", plan.runtime.console, journal)
     log = DropLog(reasons=GENERATED_DROP_REASONS)
     records: list[dict[str, Any]] = []
     candidates = 0
@@ -114,7 +116,7 @@ def run(plan: AugmentPlan, components: AugmentComponents) -> SynthResult:
             if not lines:
                 log.add(UNPARSEABLE, conv.source, conv.location, f"no paraphrase in the output: {sample[:200]!r}")
             candidates += len(lines)
-            kept += _new_paraphrases(conv, lines, len(kept), config, components.index, log)
+            kept += _new_paraphrases(conv, lines, len(kept), config, components.index, log, components.teacher.name)
         records += kept
     report = {
         "sources": [s.path for s in config.data.sources], "questions_read": len(loaded.domain),
@@ -122,10 +124,12 @@ def run(plan: AugmentPlan, components: AugmentComponents) -> SynthResult:
         "skipped_not_single_turn": len(loaded.domain) - len(components.single_turn),
         "read_drops": loaded.log.by_reason(), "candidates": candidates, "paraphrases_kept": len(records),
         "per_question": cfg.per_question, "samples": cfg.samples, "temperature": cfg.decoding.temperature,
-        "model": config.model.name_or_path, "prompt": cfg.prompt or "built-in",
+        "resumed_outputs": resumed, **components.teacher.report(), "prompt": cfg.prompt or "built-in",
     }
     summary = f"{len(originals)} questions, {candidates} candidate paraphrases, {len(records)} kept."
-    return write_output(plan.output, records, report, log, components.started, summary)
+    result = write_output(plan.output, records, report, log, components.started, summary)
+    journal.remove()
+    return result
 
 
 def augment(config: QatuneConfig, runtime: Runtime | None = None, generator: Generator | None = None) -> SynthResult:
@@ -135,7 +139,7 @@ def augment(config: QatuneConfig, runtime: Runtime | None = None, generator: Gen
 
 
 def _new_paraphrases(conv: Conversation, lines: list[str], kept_before: int, config: QatuneConfig,
-                     index: clean.QuestionIndex, log: DropLog) -> list[dict[str, Any]]:
+                     index: clean.QuestionIndex, log: DropLog, teacher: str) -> list[dict[str, Any]]:
     """The records of one output's paraphrases of `conv` that are long enough, new (added to `index`) and
     within augment.per_question (`kept_before` of them kept already)."""
     cap = config.augment.per_question
@@ -158,7 +162,7 @@ def _new_paraphrases(conv: Conversation, lines: list[str], kept_before: int, con
         if system:
             record["system"] = system
         record["provenance"] = {"original_question": conv.question, "source": conv.source,
-                                "location": str(conv.location), "method": "paraphrase",
-                                "model": config.model.name_or_path}
+                                "location": str(conv.location), "method": "paraphrase", "teacher": teacher,
+                                "prompt": config.augment.prompt or "built-in"}
         records.append(record)
     return records

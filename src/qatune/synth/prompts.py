@@ -63,17 +63,30 @@ def load_prompt(path: str | None, defaults: dict[str, str], fields: tuple[str, .
 def parse_pairs(output: str) -> list[tuple[str, str]]:
     """Question/answer pairs in a model's output: `Q:`/`A:` (Question/Answer, 问/答, numbered, bold) lines,
     or a JSON list of {question, answer} objects. Text outside the markers is ignored."""
+    return [(q, a) for q, a in parse_questions(output) if a]
+
+
+def parse_questions(output: str) -> list[tuple[str, str | None]]:
+    """Every question in a model's output with its answer, or None where the model wrote none: marked
+    pairs as `parse_pairs` reads them, a marked question left unanswered, or, in an output without any
+    marker, the bare lines that end with a question mark."""
     found = _json_pairs(output)
     if found:
         return found
-    pairs: list[tuple[str, str]] = []
+    pairs: list[tuple[str, str | None]] = []
     question: list[str] = []
     answer: list[str] | None = None
+    marked = False
+
+    def close() -> None:
+        if question:
+            pairs.append((" ".join(question).strip(), " ".join(answer).strip() if answer else None))
+
     for raw in output.split("\n"):
         line = _LIST_MARK.sub("", raw.replace("**", "").strip()).strip()
         if q := _QUESTION.match(line):
-            if question and answer:
-                pairs.append((" ".join(question).strip(), " ".join(answer).strip()))
+            marked = True
+            close()
             question, answer = [q.group(1)], None
         elif (a := _ANSWER.match(line)) and question:
             answer = [a.group(1)]
@@ -81,12 +94,18 @@ def parse_pairs(output: str) -> list[tuple[str, str]]:
             answer.append(line)
         elif line and question and answer is None:
             question.append(line)
-    if question and answer:
-        pairs.append((" ".join(question).strip(), " ".join(answer).strip()))
-    return [(q, a) for q, a in pairs if q and a]
+    close()
+    if not marked:
+        pairs = [(line, None) for line in _bare_questions(output)]
+    return [(q, a or None) for q, a in pairs if q]
 
 
-def _json_pairs(output: str) -> list[tuple[str, str]]:
+def _bare_questions(output: str) -> list[str]:
+    lines = (_LIST_MARK.sub("", raw.replace("**", "").strip()).strip() for raw in output.split("\n"))
+    return [line for line in lines if line.endswith(("?", "？")) and len(line) > 8]
+
+
+def _json_pairs(output: str) -> list[tuple[str, str | None]]:
     start, end = output.find("["), output.rfind("]")
     if start < 0 or end <= start:
         return []
@@ -94,8 +113,8 @@ def _json_pairs(output: str) -> list[tuple[str, str]]:
         items = json.loads(output[start:end + 1])
     except json.JSONDecodeError:
         return []
-    return [(str(i["question"]).strip(), str(i["answer"]).strip()) for i in items
-            if isinstance(i, dict) and i.get("question") and i.get("answer")]
+    return [(str(i["question"]).strip(), str(i["answer"]).strip() if i.get("answer") else None) for i in items
+            if isinstance(i, dict) and i.get("question")]
 
 
 def parse_paraphrases(output: str) -> list[str]:

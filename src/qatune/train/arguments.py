@@ -91,9 +91,13 @@ def distributed_arguments(engine: str, decoder_layers: list[str]) -> dict[str, A
 
 
 def training_arguments(config: QatuneConfig, precision: str, runtime: "Runtime", train_samples: int,
-                       has_eval: bool, decoder_layers: list[str] | None = None) -> Any:
-    """Map qatune's train section onto transformers.TrainingArguments (one place, documented defaults)."""
+                       has_eval: bool, decoder_layers: list[str] | None = None, arguments_class: type | None = None,
+                       **stage_arguments: Any) -> Any:
+    """Map qatune's train section onto transformers.TrainingArguments (one place, documented defaults), or onto
+    a stage's subclass of it (`arguments_class`, e.g. TRL's DPOConfig) with that stage's own `stage_arguments`."""
     from transformers import TrainingArguments
+
+    arguments_class = arguments_class or TrainingArguments
 
     cfg = config.train
     device = runtime.device
@@ -103,7 +107,7 @@ def training_arguments(config: QatuneConfig, precision: str, runtime: "Runtime",
     # Checkpoints follow evaluations (the best one must exist); both default to once per epoch.
     eval_steps = cfg.eval_steps or cfg.save_steps or steps_per_epoch
     save_steps = cfg.save_steps or eval_steps
-    return TrainingArguments(
+    return arguments_class(**dict(
         output_dir=cfg.output_dir,
         per_device_train_batch_size=cfg.per_device_batch_size,
         per_device_eval_batch_size=cfg.per_device_batch_size,
@@ -127,4 +131,4 @@ def training_arguments(config: QatuneConfig, precision: str, runtime: "Runtime",
         remove_unused_columns=False, disable_tqdm=True, dataloader_pin_memory=device == "cuda",
         ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient; searching costs a pass
         **distributed_arguments(cfg.distributed, decoder_layers or []),
-    )
+    ) | stage_arguments)  # a stage's own arguments win (KTO needs its own batch order)

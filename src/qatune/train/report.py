@@ -42,7 +42,9 @@ def eval_summary(log_history: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def save_loss_plot(log_history: list[dict[str, Any]], path: Path, title: str) -> None:
+def save_loss_plot(log_history: list[dict[str, Any]], path: Path, title: str,
+                   extra: dict[str, list[tuple[int, float]]] | None = None) -> None:
+    """Train and eval loss by step; `extra` curves (a stage's own, e.g. reward accuracy) on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,7 +61,15 @@ def save_loss_plot(log_history: list[dict[str, Any]], path: Path, title: str) ->
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if extra := {label: points for label, points in (extra or {}).items() if points}:
+        second = ax.twinx()
+        for label, points in extra.items():
+            second.plot(*zip(*points), label=label, linestyle="--", marker=".")
+        second.set_ylabel(", ".join(extra))
+        more_handles, more_labels = second.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -37,7 +37,6 @@ from qatune.train.arguments import (
     check_optimizer,
     check_reporter,
     resolve_precision,
-    training_arguments,
 )
 from qatune.train.checkpoints import (
     CONFIG_FILE,
@@ -48,7 +47,7 @@ from qatune.train.checkpoints import (
     delete_earlier_run,
     delete_training_args_pickle,
 )
-from qatune.train.stages import STAGES, TrainingStage
+from qatune.train.stages import TrainingStage, training_stages
 
 if TYPE_CHECKING:
     from qatune.runtime import Runtime
@@ -134,12 +133,15 @@ def plan(config: QatuneConfig, runtime: "Runtime", callbacks: Sequence[Any] = ()
                          hint="set data.val_size above 0 or add data.eval_sources")
     output = decide_output_dir(config, runtime.world_size)
     refuse_unless_data_folder(Path(config.data.output_dir))  # the data stage's own plan checks the rest
-    return TrainPlan(config, runtime, STAGES[cfg.stage], precision, output, tuple(callbacks))
+    stage = training_stages()[cfg.stage]
+    stage.check(config, runtime)
+    return TrainPlan(config, runtime, stage, precision, output, tuple(callbacks))
 
 
 @contextmanager
 def process_state(plan: TrainPlan) -> Iterator[None]:
     """What holds in this process while the stage loads and trains, undone after."""
+    from qatune.compat.bitsandbytes import optimizer_overrides_scoped
     from qatune.compat.process import environment_defaults
     from qatune.compat.torch import seeded
     from qatune.compat.transformers import progress_bars_off
@@ -152,6 +154,7 @@ def process_state(plan: TrainPlan) -> Iterator[None]:
         # Seeded before the model is built: adapter initialisation repeats too.
         stack.enter_context(seeded(plan.config.train.seed, plan.runtime.device))
         stack.enter_context(progress_bars_off())
+        stack.enter_context(optimizer_overrides_scoped())  # 8-bit optimizers' overrides end with this training
         yield
 
 
@@ -162,8 +165,8 @@ def setup(plan: TrainPlan) -> TrainComponents:
 
     from qatune.data.prepare import prepare_or_reuse
     from qatune.models import load_tokenizer
-    from qatune.train.fast_paths import decide_fast_paths
     from qatune.train.methods import apply_method, count_parameters, load_for_method
+    from qatune.train.stages import TrainerInputs
     from qatune.train.trainer import FlowControl, ProgressBar
 
     config, runtime, cfg = plan.config, plan.runtime, plan.config.train
@@ -180,26 +183,21 @@ def setup(plan: TrainPlan) -> TrainComponents:
     template = plan.stage.template(tokenizer, config.data)
 
     model = load_for_method(config.model, config.method, plan.dtype, runtime.device)
-    model = apply_method(model, config.method, cfg.gradient_checkpointing)
+    model = apply_method(plan.stage.adapt_model(model, config), config.method, cfg.gradient_checkpointing)
     parameters = count_parameters(model)
     console.print(f"Method {config.method.name}: {parameters}; precision {plan.precision} on {runtime.device}")
 
-    columns = ["input_ids", "labels", "length"]
+    columns = list(plan.stage.columns)
     train_set = data.train.select_columns(columns)
     eval_set = data.validation.select_columns(columns) if data.validation is not None else None
-    args = training_arguments(config, plan.precision, runtime, len(train_set), eval_set is not None,
-                              getattr(model, "_no_split_modules", None) or [])
     flow = FlowControl(console, evaluate=eval_set is not None)
     callbacks: list[Any] = [flow, ProgressBar(console), *plan.callbacks]
     if cfg.early_stopping_patience:
         callbacks.append(transformers.EarlyStoppingCallback(cfg.early_stopping_patience, cfg.early_stopping_threshold))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else template.end_of_turn_id
-    fast = decide_fast_paths(config, model, runtime.device, plan.dtype, processes.num_processes, pad_id)
+    trainer, fast = plan.stage.build_trainer(TrainerInputs(
+        config, runtime, plan.precision, plan.dtype, model, tokenizer, template, train_set, eval_set, callbacks,
+        processes.num_processes))
     console.print(fast.summary)
-    trainer = plan.stage.trainer_class()(
-        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
-        data_collator=fast.collator, compute_loss_func=fast.loss, callbacks=callbacks,
-    )
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # ProgressBar says it all
     return TrainComponents(tokenizer, template, data, reused, model, parameters, fast, trainer, flow, processes)
 
@@ -281,6 +279,9 @@ def run(plan: TrainPlan, c: TrainComponents) -> TrainResult:
         "global_step": state.global_step, "epochs": state.epoch or 0.0,
         "stopped_early": state.global_step < state.max_steps,
         **train_report.eval_summary(log),
+        # (step, loss) points: eval's diagnosis reads the curves' shape (still falling, overfitting)
+        "loss_history": {"train": train_report.train_points(log), "eval": train_report.eval_points(log)},
+        **plan.stage.report(log),
         "final_train_loss": next((e["loss"] for e in reversed(log) if "loss" in e), None),
         "best_checkpoint": state.best_model_checkpoint,
         "tokens_seen": tokens, "tokens_per_s": tokens / seconds if seconds else 0.0,
@@ -291,7 +292,8 @@ def run(plan: TrainPlan, c: TrainComponents) -> TrainResult:
         "preview": [{k: row[k] for k in ("question", "reference", "base", "tuned")} for row in preview],
     }
     with atomic.atomic_path(out / train_report.LOSS_PLOT_FILE) as plot:
-        train_report.save_loss_plot(log, plot, f"{config.method.name} on {config.model.name_or_path}")
+        train_report.save_loss_plot(log, plot, f"{config.method.name} on {config.model.name_or_path}",
+                                    plan.stage.plot_series(log))
     write_report(report, out)
     return TrainCompleted(out, report, preview, c.data.validation)
 

@@ -1,0 +1,125 @@
+"""The training form, generated from the config schema, and its check through the config loader.
+
+Every field of the form sections is a schema field: its description is the help, its default is
+shown, and a value is checked by `load_config` exactly as `qatune train key=value` checks it, so
+the page shows the schema's own messages. Only what differs from a default goes into the command.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel
+
+from qatune.config import QatuneConfig, load_config, type_name
+from qatune.config.schema import inner_model
+from qatune.errors import ConfigError
+from qatune.studio.paths import PathRefused, Workspace
+
+FORM_SECTIONS = ("model", "method", "train", "data")
+# Lists of sources are chosen with the file picker; the prepared data's and the run's folders are
+# the studio's (prepared/<run>, runs/<run>); eval/serve/export have pages of their own.
+PICKED = {"data.sources", "data.eval_sources", "data.general_sources", "data.output_dir", "train.output_dir"}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "LoRA on the default model": {"model.name_or_path": "default", "method.name": "lora",
+                                  "train.learning_rate": 1e-3, "train.num_epochs": 1},
+    "QLoRA 7B on a GPU": {"model.name_or_path": "Qwen/Qwen2.5-7B-Instruct", "method.name": "qlora",
+                          "method.target_modules": "all-linear", "method.lora_dropout": 0.05,
+                          "train.gradient_checkpointing": True, "train.per_device_batch_size": 4,
+                          "train.gradient_accumulation_steps": 4, "train.num_epochs": 2},
+}
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _widget(annotation: Any) -> tuple[str, list[Any]]:
+    """How a value is entered: `bool` (checkbox), `choice` (one of), else `text` (read as YAML)."""
+    if annotation is bool:
+        return "bool", []
+    if get_origin(annotation) is Literal:
+        return "choice", list(get_args(annotation))
+    return "text", []
+
+
+def _shown(value: Any) -> str:
+    """A default as the user would type it after `key=`."""
+    if isinstance(value, str):
+        return value
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+
+
+def schema_fields() -> list[dict[str, Any]]:
+    """The form: one entry per leaf field of the form sections, straight from the schema."""
+    fields = []
+
+    def walk(model: type[BaseModel], prefix: str, section: str) -> None:
+        for name, info in model.model_fields.items():
+            key = f"{prefix}.{name}"
+            inner = inner_model(info.annotation)
+            if key in PICKED:
+                continue
+            if inner is not None and get_origin(info.annotation) is not list:
+                walk(inner, key, section)
+                continue
+            if inner is not None:
+                continue  # lists of sub-sections: not form fields
+            kind, choices = _widget(info.annotation)
+            default = info.get_default(call_default_factory=True)
+            fields.append({"key": key, "section": section, "kind": kind, "choices": choices,
+                           "default": _shown(default), "type": type_name(info.annotation),
+                           "description": info.description or ""})
+
+    for section in FORM_SECTIONS:
+        walk(inner_model(QatuneConfig.model_fields[section].annotation), section, section)
+    return fields
+
+
+def _problem_key(problem: str, keys: list[str]) -> str | None:
+    """The form key a loader problem is about (`train.learning_rate: ...`, or a section-wide check)."""
+    head = problem.split(":", 1)[0].split(" (line", 1)[0].strip()
+    if head in keys:
+        return head
+    # A section-wide check (`train: save_steps=3 is not a multiple of eval_steps=2`): the first key it names.
+    found = [(m.start(), k) for k in keys if head == k.rsplit(".", 1)[0]
+             for m in [re.search(rf"\b{re.escape(k.rsplit('.', 1)[1])}\b", problem)] if m]
+    return min(found)[1] if found else None
+
+
+def train_overrides(workspace: Workspace, run: str, sources: list[str], values: dict[str, str]) -> list[str]:
+    """The `key=value` arguments of `qatune train` for this form: the run's folders, the data, the
+    changed fields (in the form's order). Paths are checked to stay inside the workspace."""
+    if not RUN_NAME.fullmatch(run or ""):
+        raise PathRefused(f"run name {run!r}: use letters, digits, '-', '_' and '.' (up to 64)")
+    keys = {f["key"] for f in schema_fields()}
+    unknown = [k for k in values if k not in keys]
+    if unknown:
+        raise ConfigError([f"{k}: not a field of the training form" for k in unknown])
+    for path in sources:
+        workspace.resolve(path)
+    model = values.get("model.name_or_path", "default")
+    if model != "default":
+        workspace.resolve(model)  # a folder in the workspace (a hub id resolves inside it too)
+    args = [f"model.name_or_path={model}"] if "model.name_or_path" in values else []
+    args += [f"data.sources={_shown(list(sources))}", f"data.output_dir=prepared/{run}", f"train.output_dir=runs/{run}"]
+    return args + [f"{k}={v}" for k, v in values.items() if k != "model.name_or_path"]
+
+
+def check(overrides: list[str]) -> dict[str, Any]:
+    """The loader's verdict on the form: problems by field (others apart) and the command."""
+    keys = [f["key"] for f in schema_fields()]
+    by_field: dict[str, str] = {}
+    other: list[str] = []
+    try:
+        load_config(None, overrides)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            key = _problem_key(problem, keys)
+            if key and key not in by_field:
+                by_field[key] = problem
+            else:
+                other.append(problem)
+    return {"ok": not by_field and not other, "problems": by_field, "other": other,
+            "command": "qatune " + shlex.join(["train", *overrides])}

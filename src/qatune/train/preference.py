@@ -1,0 +1,166 @@
+"""Preference training: `train.stage: dpo | kto | orpo | simpo` on TRL's trainers, inside qatune's one loop.
+
+The data stage hands over conversational rows (`prompt` messages, then `chosen`/`rejected` assistant
+turns, or KTO's `completion` and `label`), cleaned, deduplicated and counted like SFT data; TRL
+renders them with the training chat template (set on the tokenizer) and masks the prompt, as SFT does.
+
+The reference model, for the stages that have one (dpo, kto):
+- lora / qlora: the same model with its adapter switched off (TRL's `use_adapter(model, None)`). TRL copies
+  a PeftModel's adapter into a second one named "ref" because it expects an adapter trained earlier; ours
+  is new (LoRA B = 0, so adapter off and adapter on give the same model), so the copy is deleted again and
+  nothing is held twice. `stage: dpo` on an SFT run's output merges that adapter into the model first
+  (models.load_model), so the reference is the SFT model.
+- full / freeze: the model's own log-probabilities of every pair, computed once before the first step
+  (TRL's precompute_ref_log_probs): no second copy of the weights either.
+orpo and simpo need no reference.
+
+Fast paths: padding-free rows, qatune's chunked loss and lean dropout do not apply here: TRL pads each
+batch (its padding-free mode is off since its DPO refactor), computes dpo/kto log-probabilities with its own
+chunked ("fused") LM head (orpo/simpo: full logits), and turns dropout off. Length-grouped batches, the
+mixed-precision cast removal and the CPU kernel cache apply as in SFT.
+
+TRL 1.x needs Python 3.11; on 3.10 these stages are refused in the plan, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from typing import TYPE_CHECKING, Any
+
+from qatune.train.checkpoints import TrainError
+from qatune.train.stages import TrainerInputs, TrainingStage
+
+if TYPE_CHECKING:
+    from qatune.config import QatuneConfig
+    from qatune.runtime import Runtime
+    from qatune.train.fast_paths import FastPaths
+
+PAIRED_COLUMNS = ("prompt", "chosen", "rejected", "length")
+UNPAIRED_COLUMNS = ("prompt", "completion", "label", "length")
+TRL_PYTHON = (3, 11)
+# Keys of the Trainer's log that report rewards, and the name train_report.json gives each.
+REWARD_METRICS = {"rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin",
+                  "rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected"}
+
+
+class PreferenceStage(TrainingStage):
+    """dpo, kto, orpo or simpo: TRL's trainer, its config built from qatune's train and preference sections."""
+
+    @staticmethod
+    def columns_of(name: str) -> tuple[str, ...]:
+        return UNPAIRED_COLUMNS if name == "kto" else PAIRED_COLUMNS
+
+    def check(self, config: "QatuneConfig", runtime: "Runtime") -> None:
+        if sys.version_info < TRL_PYTHON or importlib.util.find_spec("trl") is None:
+            have = "Python %d.%d" % sys.version_info[:2]
+            raise TrainError(f"train.stage={self.name} runs on TRL 1.x, which needs Python 3.11 or newer "
+                             f"({have} here{'' if importlib.util.find_spec('trl') else ', and trl is not installed'})",
+                             hint="use Python >= 3.11 and pip install 'qatune[preference]'")
+        if config.method.name == "prefix":
+            raise TrainError(f"method prefix with train.stage={self.name}: the preference stages run lora, qlora, "
+                             "full and freeze (prefix tuning with TRL's preference trainers is not verified here)",
+                             hint="use method.name=lora (or qlora, full, freeze)")
+
+    def build_trainer(self, inputs: TrainerInputs) -> tuple[Any, "FastPaths"]:
+        import torch
+
+        from qatune.train.arguments import training_arguments
+        from qatune.train.fast_paths import FastPaths
+
+        config, model, tokenizer = inputs.config, inputs.model, inputs.tokenizer
+        tokenizer.chat_template = inputs.template.source  # TRL renders the rows with the tokenizer's own template
+        trainer_class, arguments_class = _trl_classes(self.name)
+        adapter = config.method.name in ("lora", "qlora")
+        args = training_arguments(
+            config, inputs.precision, inputs.runtime, len(inputs.train_set), inputs.eval_set is not None,
+            getattr(model, "_no_split_modules", None) or [], arguments_class=arguments_class,
+            activation_checkpointing=False,  # the method applies train.gradient_checkpointing (TRL defaults it on)
+            max_length=config.data.max_length,
+            **stage_arguments(self.name, config, precompute_reference=not adapter))
+        trainer = trainer_class(model=model, args=args, train_dataset=inputs.train_set,
+                                eval_dataset=inputs.eval_set, processing_class=tokenizer, callbacks=inputs.callbacks)
+        if adapter and "ref" in getattr(model, "peft_config", {}):
+            model.delete_adapter("ref")  # a copy of the new adapter: the adapter switched off is the same reference
+        if config.method.name == "qlora":
+            # TRL casts QLoRA adapters to bf16 (the paper's choice); qatune keeps adapter weights fp32 as in sft
+            # (bf16 updates round away small steps, and a CPU without native bf16 emulates it ~100x slower).
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.data = param.data.to(torch.float32)
+        reference = ("none" if self.name in ("orpo", "simpo") else "the base with the adapter switched off" if adapter
+                     else "log-probabilities precomputed before training")
+        fast = FastPaths(collator=None, loss=None, padding_free_on=None, lean_dropout=False,
+                         mixed_precision=inputs.dtype != torch.float32,
+                         summary=f"Fast paths: padded batches ({self.name}: TRL's collator); reference model: "
+                                 f"{reference}")
+        return trainer, fast
+
+    def report(self, log_history: list[dict[str, Any]]) -> dict[str, Any]:
+        """Rewards of every evaluation (chosen vs rejected: accuracy, margin), first and last, and of training."""
+        evaluations = [{"step": entry["step"], **{name: entry[f"eval_{key}"] for key, name in REWARD_METRICS.items()
+                                                  if f"eval_{key}" in entry}}
+                       for entry in log_history if "eval_loss" in entry]
+        train = [entry for entry in log_history if "loss" in entry]
+        out: dict[str, Any] = {"preference_evaluations": evaluations}
+        for label, entry in (("initial", evaluations[0] if evaluations and evaluations[0]["step"] == 0 else None),
+                             ("final", evaluations[-1] if evaluations else None)):
+            for name in REWARD_METRICS.values():
+                if entry and name in entry:
+                    out[f"{label}_eval_{name}"] = entry[name]
+        if train:
+            out.update({f"final_train_{name}": train[-1][key] for key, name in REWARD_METRICS.items()
+                        if key in train[-1]})
+        return out
+
+    def plot_series(self, log_history: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+        series = {}
+        for key, label in (("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin")):
+            series[f"eval {label}"] = [(e["step"], e[f"eval_{key}"]) for e in log_history if f"eval_{key}" in e]
+        return series
+
+
+def stage_arguments(stage: str, config: "QatuneConfig", precompute_reference: bool) -> dict[str, Any]:
+    """The TRL config fields of `stage` from the preference section (the train section gives the rest)."""
+    pref = config.preference
+    beta = pref.beta_for(stage)
+    if stage == "dpo":
+        losses, weights = [pref.loss_type], [1.0]
+        if pref.sft_weight:
+            losses, weights = losses + ["sft"], weights + [pref.sft_weight]
+        return {"beta": beta, "loss_type": losses, "loss_weights": weights, "label_smoothing": pref.label_smoothing,
+                "precompute_ref_log_probs": precompute_reference}
+    if stage == "kto":
+        # KTO estimates its KL term from each batch's neighbours in a fixed order (TRL refuses any other)
+        return {"beta": beta, "desirable_weight": pref.desirable_weight, "undesirable_weight": pref.undesirable_weight,
+                "precompute_ref_log_probs": precompute_reference, "train_sampling_strategy": "sequential"}
+    if stage == "orpo":
+        return {"beta": beta}
+    return {"beta": beta, "loss_type": "simpo", "simpo_gamma": pref.simpo_gamma, "cpo_alpha": pref.sft_weight,
+            "label_smoothing": pref.label_smoothing}
+
+
+def _trl_classes(stage: str) -> tuple[type, type]:
+    """qatune's subclass of the stage's TRL trainer (seeded length-grouped batches, token counts), and its config."""
+    import warnings
+
+    from qatune.compat.trl import preference_trainer
+
+    with warnings.catch_warnings():
+        # TRL warns on import that its experimental trainers may change; the version bound in pyproject covers it.
+        warnings.simplefilter("ignore")
+        if stage == "dpo":
+            from trl import DPOConfig as config, DPOTrainer as trainer
+        elif stage == "kto":
+            from trl import KTOConfig as config, KTOTrainer as trainer
+        elif stage == "orpo":
+            from trl.experimental.orpo import ORPOConfig as config, ORPOTrainer as trainer
+        else:
+            from trl.experimental.cpo import CPOConfig as config, CPOTrainer as trainer
+    return preference_trainer(trainer), config
+
+
+PREFERENCE_STAGES: dict[str, TrainingStage] = {
+    name: PreferenceStage(name, answers_questions=True, columns=PreferenceStage.columns_of(name))
+    for name in ("dpo", "kto", "orpo", "simpo")
+}
