@@ -164,12 +164,17 @@ def test_disconnecting_from_a_waiting_request_is_no_500_and_no_traceback(server,
     route = "/v1/chat/completions"
     long_question = [{"role": "user", "content": "What should I do when I have a fever? 发烧了怎么办？"}]
     body = {"model": next(iter(server.engine.models)), "messages": long_question, "max_tokens": 900, "temperature": 0}
+    started = time.monotonic()
     whole = httpx.post(server.url + route, json=body, timeout=120).json()
-    assert whole["choices"][0]["finish_reason"] == "length"  # left alone, it runs for seconds
+    alone = time.monotonic() - started
+    assert whole["choices"][0]["finish_reason"] == "length"  # left alone, it runs to max_tokens
+    # The client leaves after a quarter of that (at most 0.5 s): on a fast idle machine the whole answer
+    # took under a second, and a fixed 0.5 s left the server too little time to see the disconnect.
+    leave_after = min(0.5, alone / 4)
     before = route_statuses(server, route)
     for _ in range(3):
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(server.url + route, json=body, timeout=0.5)
+            httpx.post(server.url + route, json=body, timeout=leave_after)
     deadline = time.time() + 30
     while sum(route_statuses(server, route).values()) < sum(before.values()) + 3 and time.time() < deadline:
         time.sleep(0.05)  # each request is counted once its handler has returned
