@@ -84,3 +84,7 @@ class TemplateError(QatuneError):
 
 class ModelLoadError(QatuneError):
     """A model or tokenizer that cannot be found or loaded."""
+
+
+class GGUFExportError(QatuneError):
+    """A model this GGUF writer (export.gguf) or llama.cpp's quantizer (export.llamacpp) cannot express."""

@@ -79,7 +79,8 @@ def test_family_written_by_qatune_computes_in_llama_cpp_what_transformers_does(f
 def test_unsupported_models_are_refused_with_the_converter_command(tokenizer, tiny_model_dir, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    from qatune.export.gguf import GGUFExportError, write_gguf
+    from qatune.errors import GGUFExportError
+    from qatune.export.gguf import write_gguf
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(tokenizer)))
     with pytest.raises(GGUFExportError, match="'gpt2'") as info:

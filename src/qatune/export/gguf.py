@@ -14,16 +14,12 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qatune.errors import QatuneError
+from qatune.errors import GGUFExportError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from qatune.config import DecodingConfig
-
-class GGUFExportError(QatuneError):
-    """A model this GGUF writer cannot express."""
-
 
 def _permute(weights: Any, n_head: int) -> Any:
     """llama.cpp's rotary layout for q/k: each head's halves interleaved (its converter's `permute`)."""

@@ -164,7 +164,7 @@ def _decode(model: LlamaCppModel, ids: list[int]) -> str:
 def _transformers_check(folder: Path, name: str, tokenizer: Any, template: "ChatTemplate",
                         check: CheckPrompts) -> dict[str, Any]:
     """Without llama.cpp: the file read back by transformers' GGUF reader answers like the merged model."""
-    from qatune.export.recipe import answers_of, compare, read_back
+    from qatune.export.checks import answers_of, compare, read_back
 
     got = answers_of(read_back(folder, gguf_file=name), tokenizer, template,
                      [[{"role": "user", "content": q}] for q in check.questions], check.max_new_tokens)

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from qatune.export.gguf import GGUFExportError
+from qatune.errors import GGUFExportError
 
 EXTRA = "qatune[llamacpp]"
 # llama.cpp's file types for the k-quants qatune offers (llama_cpp.LLAMA_FTYPE_MOSTLY_*).

@@ -21,8 +21,6 @@ would round the adapter away), and a quantized copy is made afterwards from the 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import shutil
 import time
@@ -30,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qatune.config import DecodingConfig, QatuneConfig
-from qatune.errors import QatuneError
-from qatune.export.gguf import GGUFExportError
+from qatune.config import QatuneConfig
+from qatune.errors import GGUFExportError, QatuneError
+from qatune.export.checks import answer_texts, answers_of, compare, read_back
 from qatune.export.report import markdown
 from qatune.files import model_folders, overlapping, write_json, write_text
 from qatune.models import ADAPTER_FILE, AdapterInfo, ModelLocation
@@ -259,7 +257,7 @@ def _write_export(plan: ExportPlan, parts: ExportComponents, folder: Path) -> di
     console.print(f"Wrote the merged model ({str(parts.save_dtype).removeprefix('torch.')})")
     if not plan.adapter:  # nothing was merged: check the folder just written against the model as loaded
         checks["saved"] = compare(cfg.check_questions, reference,
-                                  _answers(read_back(folder), tokenizer, template, questions,
+                                  answer_texts(read_back(folder), tokenizer, template, questions,
                                            cfg.check_max_new_tokens))
 
     perplexity = None
@@ -289,34 +287,6 @@ def _write_export(plan: ExportPlan, parts: ExportComponents, folder: Path) -> di
             "gguf": cfg.gguf, "gguf_adapter": cfg.gguf_adapter, "quantize": cfg.quantize, "template": template.name,
             "end_of_turn": template.end_of_turn, "checks": checks, "gguf_perplexity": perplexity,
             "smoke_answer": {"question": cfg.check_questions[0], "answer": merged_answers[0]} if questions else None}
-
-
-def answers_of(model: Any, tokenizer: Any, template: Any, questions: list, max_new_tokens: int) -> list[Any]:
-    """Greedy answers (text and token ids) to `questions`, as every check of an export makes them."""
-    from qatune.infer.generation import generate
-
-    return generate(model, tokenizer, template.source, questions, DecodingConfig(max_new_tokens=max_new_tokens),
-                    template.end_of_turn_id)
-
-
-def _answers(model: Any, tokenizer: Any, template: Any, questions: list, max_new_tokens: int) -> list[str]:
-    return [a.text for a in answers_of(model, tokenizer, template, questions, max_new_tokens)]
-
-
-def compare(questions: list[str], expected: list[str], got: list[str]) -> dict[str, Any]:
-    same = [e == g for e, g in zip(expected, got)]
-    return {"identical": sum(same), "questions": len(same),
-            "answers": [{"question": q, "expected": e, "got": g} for q, e, g in zip(questions, expected, got)]}
-
-
-def read_back(folder: Path, gguf_file: str | None = None) -> Any:
-    """The written model as transformers loads it, in fp32 (a GGUF file dequantized): the round-trip check."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    # transformers' GGUF loader draws its own progress bar
-    with contextlib.redirect_stderr(io.StringIO()) if gguf_file else contextlib.nullcontext():
-        return AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
 
 
 def _quantize(folder: Path, kind: str, tokenizer: Any, template: Any, questions: list, cfg: Any,
@@ -355,7 +325,7 @@ def _quantize(folder: Path, kind: str, tokenizer: Any, template: Any, questions:
     tokenizer.save_pretrained(target)
     model.generation_config.save_pretrained(str(target))
     result = compare(cfg.check_questions, merged_answers,
-                      _answers(model, tokenizer, template, questions, cfg.check_max_new_tokens))
+                      answer_texts(model, tokenizer, template, questions, cfg.check_max_new_tokens))
     result["size_mib"] = _size(target) / 2**20
     result["merged_size_mib"] = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20
     return result

@@ -153,7 +153,7 @@ def setup(plan: ServePlan) -> ServeComponents:
 def _gguf_files(plan: ServePlan) -> dict[str, Path] | None:
     """Each served model's GGUF file, by name (converted once where it is a Hugging Face model or an adapter);
     None where the GGUF writer cannot express the model and serve.engine is auto (hf serves it then)."""
-    from qatune.export.gguf import GGUFExportError
+    from qatune.errors import GGUFExportError
     from qatune.serve.gguf_files import converted, model_gguf
 
     config, console = plan.config, plan.runtime.console
