@@ -25,11 +25,12 @@ def test_repeated_question_is_flagged():
 
 
 def test_answer_flags():
-    assert degenerate.answer_flags("头痛怎么办？", NORMAL_ZH, 30, 256) == []
-    assert degenerate.answer_flags("头痛怎么办？", "范围阴性！" * 40, 256, 256) == ["loop", "truncated"]
-    assert degenerate.answer_flags("头痛怎么办？", "Take a rest and drink water.", 9, 256) == ["wrong_language"]
-    assert degenerate.answer_flags("What is a fever?", "发烧是体温升高。", 9, 256) == ["wrong_language"]
-    assert degenerate.answer_flags("q?", "  ", 1, 256) == ["empty"]
+    assert degenerate.answer_flags("头痛怎么办？", NORMAL_ZH, True) == []
+    assert degenerate.answer_flags("头痛怎么办？", "范围阴性！" * 40, False) == ["loop", "truncated"]
+    assert degenerate.answer_flags("头痛怎么办？", "Take a rest and drink water.", True) == ["wrong_language"]
+    assert degenerate.answer_flags("What is a fever?", "发烧是体温升高。", True) == ["wrong_language"]
+    assert degenerate.answer_flags("q?", "  ", True) == ["empty"]
+    assert degenerate.answer_flags("q?", "", False) == ["truncated", "empty"]
 
 
 def test_distinct_n_chinese_by_character_english_by_word():

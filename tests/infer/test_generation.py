@@ -65,3 +65,18 @@ def test_generate_and_chat_feed_the_model_the_text_only_prompt(tiny_model_dir, t
     plain = prompt_ids(tokenizer, template, [{"role": "user", "content": "x"}])
     assert seen == [expected, expected]
     assert control_counts(tokenizer, expected) == control_counts(tokenizer, plain)
+
+
+def test_an_answer_says_whether_the_model_ended_it_or_max_new_tokens_did(tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from qatune.config import DecodingConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    messages = [[{"role": "user", "content": "What is a fever? 发烧是什么？"}]]
+    decoding = DecodingConfig(max_new_tokens=3, temperature=0.0)
+    cut = generate(model, tokenizer, tokenizer.chat_template, messages, decoding)[0]
+    assert not cut.stopped and cut.new_tokens == 3 and len(cut.token_ids) == 3
+    # The same greedy answer with its first token made the stop token ends there, by the model's own choice.
+    ended = generate(model, tokenizer, tokenizer.chat_template, messages, decoding, end_of_turn_id=cut.token_ids[0])[0]
+    assert ended.stopped and ended.new_tokens == 1 and ended.token_ids == ()

@@ -6,7 +6,7 @@ Per answer, the flags below; per model and set, their shares (x100) and distinct
   least 3 times, the run covering at least a third of the answer ("范围阴性！范围阴性！范围阴性！").
 - `echo`: the question repeated instead of answered: the answer starts with the question, or the
   question (at least 4 characters) makes up at least half of the answer.
-- `truncated`: generation used all of `max_new_tokens` (cut before the model ended its turn).
+- `truncated`: generation was cut at `max_new_tokens` before the model ended its turn.
 - `empty`: nothing but white space.
 - `wrong_language`: a Chinese question answered without Chinese, or a question without Chinese
   answered in Chinese (`metrics.is_chinese`).
@@ -62,11 +62,11 @@ def is_wrong_language(question: str, answer: str) -> bool:
     return is_chinese(question) != is_chinese(answer)
 
 
-def answer_flags(question: str, answer: str, new_tokens: int, max_new_tokens: int) -> list[str]:
-    """The flags of FLAGS that fit one answer, in FLAGS order."""
+def answer_flags(question: str, answer: str, stopped: bool) -> list[str]:
+    """The flags of FLAGS that fit one answer, in FLAGS order; `stopped`: the model ended its turn itself."""
     if not answer.strip():
-        return ["truncated", "empty"] if new_tokens >= max_new_tokens else ["empty"]
-    found = {"loop": is_loop(answer), "echo": is_echo(question, answer), "truncated": new_tokens >= max_new_tokens,
+        return ["empty"] if stopped else ["truncated", "empty"]
+    found = {"loop": is_loop(answer), "echo": is_echo(question, answer), "truncated": not stopped,
              "empty": False, "wrong_language": is_wrong_language(question, answer)}
     return [flag for flag in FLAGS if found[flag]]
 

@@ -297,10 +297,9 @@ def evaluate_set(model: Any, tokenizer: Any, template: Any, eval_set: EvalSet, c
         for item, answer, loss in zip(eval_set.qa, answers, losses):
             rows.append({"set": eval_set.name, "id": item.id, "question": item.question, "reference": item.reference,
                          "prediction": answer.text, "scores": metrics.score_answer(answer.text, item.reference),
-                         "flags": degenerate.answer_flags(item.question, answer.text, answer.new_tokens,
-                                                          cfg.decoding.max_new_tokens),
+                         "flags": degenerate.answer_flags(item.question, answer.text, answer.stopped),
                          "reference_loss": loss[0] if loss else None, "reference_tokens": loss[1] if loss else 0,
-                         "new_tokens": answer.new_tokens, "latency_s": answer.seconds})
+                         "new_tokens": answer.new_tokens, "stopped": answer.stopped, "latency_s": answer.seconds})
         latencies = [r["latency_s"] for r in rows]
         summary.update(_answer_scores(rows))
         summary.update({
@@ -351,8 +350,7 @@ def answer_with_preset(model: Any, tokenizer: Any, template: Any, eval_set: Eval
     answered = []
     for item, answer, row in zip(eval_set.qa, answers, (r for r in rows if "prediction" in r)):
         found = {"prediction": answer.text, "scores": metrics.score_answer(answer.text, item.reference),
-                 "flags": degenerate.answer_flags(item.question, answer.text, answer.new_tokens,
-                                                  decoding.max_new_tokens)}
+                 "flags": degenerate.answer_flags(item.question, answer.text, answer.stopped)}
         row.setdefault("presets", {})[preset] = found
         answered.append(found)
     return _answer_scores(answered)

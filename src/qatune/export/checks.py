@@ -12,6 +12,10 @@ from typing import Any
 
 from qatune.config import DecodingConfig
 
+# Logit gap (llama.cpp's pick over the expected token) below which two greedy answers parted at a near
+# tie: f16 weights and activations round differently from fp32 by about this much on small models.
+NEAR_TIE = 0.5
+
 
 def answers_of(model: Any, tokenizer: Any, template: Any, questions: list, max_new_tokens: int) -> list[Any]:
     """Greedy answers (text and token ids) to `questions`, as every check of an export makes them."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qatune.export.checks import NEAR_TIE
 from qatune.export.gguf import K_QUANTS, WRITER_TYPES, modelfile, source_pre_tokenizer, write_gguf, write_lora_gguf
 from qatune.export.llamacpp import LlamaCppModel, context_for, llama_cpp_installed, perplexity, quantize_gguf
 from qatune.files import write_text
@@ -31,9 +32,6 @@ MODELFILE = "Modelfile"
 ADAPTER_MODELFILE = "Modelfile.adapter"
 ADAPTER_GGUF = "adapter.gguf"
 REFERENCE = "f16"
-# Logit gap (llama.cpp's pick over the expected token) below which two greedy answers parted at a near
-# tie: f16 weights and activations round differently from fp32 by about this much on small models.
-NEAR_TIE = 0.5
 
 
 @dataclass(frozen=True)

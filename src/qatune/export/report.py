@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from qatune.export.checks import NEAR_TIE
+
 # What each check's answers are compared with, where the check does not say.
 CHECKED_AGAINST = {"merged": "base + adapter", "saved": "the model as loaded"}
 
@@ -31,8 +33,6 @@ def check_lines(report: dict[str, Any]) -> list[str]:
 
 
 def _gap(answer: dict[str, Any]) -> str:
-    from qatune.export.gguf_step import NEAR_TIE
-
     gap = answer.get("logit_gap")
     if gap is None:
         return ""

@@ -34,6 +34,7 @@ class Answer:
     new_tokens: int  # generated tokens, the stop token included
     seconds: float  # from the start of its batch to its last token
     token_ids: tuple[int, ...] = ()  # the answer's tokens, before the stop token
+    stopped: bool = False  # the model ended its turn (a stop token); False: cut at max_new_tokens
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
@@ -202,7 +203,8 @@ def generate(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", tem
                 # A cut at max_new_tokens can split a multi-byte character: drop the replacement mark.
                 text = tokenizer.decode(row[:cut], skip_special_tokens=True).strip().rstrip("\ufffd")
                 new_tokens = min(cut + 1, len(row))
-                answers[index] = Answer(text, new_tokens, clock.seconds_until(new_tokens), tuple(row[:cut]))
+                answers[index] = Answer(text, new_tokens, clock.seconds_until(new_tokens), tuple(row[:cut]),
+                                        stopped=cut < len(row))
     return answers
 
 

@@ -350,20 +350,23 @@ async def _collect(generation: Generation, request: Request, cfg: "ServeConfig",
         raise ApiError(500, "generation ended without an answer", "server_error")
 
     async def disconnected() -> None:
-        while not await request.is_disconnected():
-            await asyncio.sleep(0.25)
+        # The body has been read, so the server's next message is the disconnect: awaiting it sees a client
+        # leave at once, where polling `is_disconnected` let an answer that ended within the poll pass as 200.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
     answer, watcher = asyncio.ensure_future(gather()), asyncio.ensure_future(disconnected())
     try:
         await asyncio.wait([answer, watcher], return_when=asyncio.FIRST_COMPLETED)
     finally:
+        client_left = watcher.done() and not watcher.cancelled() and watcher.exception() is None
         watcher.cancel()
         if not answer.done():  # the client left (or this request was cancelled): stop generating for it
             answer.cancel()
         # A cancel is only requested above: wait until the task has taken it, so that neither its result
         # nor its exception is read from a task that is still running (the old 500 with two tracebacks).
         await asyncio.wait([answer, watcher])
-    if answer.cancelled():
+    if client_left or answer.cancelled():
         raise ApiError(499, "client closed the request", code="client_closed")
     try:
         return answer.result()

@@ -47,10 +47,20 @@ from qatune.train.checkpoints import (
     delete_earlier_run,
     delete_training_args_pickle,
 )
-from qatune.train.stages import TrainingStage, training_stages
+from qatune.train.distill_stage import DISTILL_STAGE
+from qatune.train.preference import PREFERENCE_STAGES
+from qatune.train.stages import TrainingStage
 
 if TYPE_CHECKING:
     from qatune.runtime import Runtime
+
+# Every stage by its `train.stage` name.
+TRAINING_STAGES: dict[str, TrainingStage] = {
+    "sft": TrainingStage("sft", answers_questions=True),
+    "pt": TrainingStage("pt", answers_questions=False),
+    **PREFERENCE_STAGES,
+    "distill": DISTILL_STAGE,
+}
 
 __all__ = ["TrainCompleted", "TrainError", "TrainInterrupted", "TrainPlan", "TrainResult", "TrainWorkerDone",
            "complete_checkpoints", "plan", "run", "setup", "train"]
@@ -133,7 +143,7 @@ def plan(config: QatuneConfig, runtime: "Runtime", callbacks: Sequence[Any] = ()
                          hint="set data.val_size above 0 or add data.eval_sources")
     output = decide_output_dir(config, runtime.world_size)
     refuse_unless_data_folder(Path(config.data.output_dir))  # the data stage's own plan checks the rest
-    stage = training_stages()[cfg.stage]
+    stage = TRAINING_STAGES[cfg.stage]
     stage.check(config, runtime)
     return TrainPlan(config, runtime, stage, precision, output, tuple(callbacks))
 

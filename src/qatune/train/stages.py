@@ -6,8 +6,8 @@ Trainer is built (`build_trainer`: arguments, batching, loss), what it adds to t
 loss plot, and what it refuses before any weight is read (`check`). The data builder is chosen by
 the same `train.stage` in the data stage (`sft`: conversations with the answers labelled; `pt`:
 documents packed into blocks; preference stages: prompt, chosen and rejected answers). Preference
-and distillation stages add an entry here with their own trainer; the loop, outputs, resume and
-reports stay shared.
+and distillation stages subclass TrainingStage in their own modules, and `train.run.TRAINING_STAGES`
+names every stage; the loop, outputs, resume and reports stay shared.
 """
 
 from __future__ import annotations
@@ -87,16 +87,3 @@ class TrainingStage:
         """Extra curves for the loss plot (drawn on a second axis), by label."""
         return {}
 
-
-def training_stages() -> dict[str, TrainingStage]:
-    """Every stage by its `train.stage` name. Plug-ins subclass TrainingStage in their own modules, which import
-    this one, so they are imported here (when the table is asked for), never at this module's import."""
-    from qatune.train.distill_stage import DISTILL_STAGE
-    from qatune.train.preference import PREFERENCE_STAGES
-
-    return {
-        "sft": TrainingStage("sft", answers_questions=True),
-        "pt": TrainingStage("pt", answers_questions=False),
-        **PREFERENCE_STAGES,
-        "distill": DISTILL_STAGE,
-    }
