@@ -1,6 +1,7 @@
 """Resume: a run killed with SIGKILL loses at most one save interval and, resumed, ends with the same
 loss as an uninterrupted run; Ctrl-C saves a checkpoint and exits cleanly. The killed runs are real
-`qatune train` processes."""
+`qatune train` processes. Preference (TRL's trainers) and distillation runs resume from their checkpoint to the
+same loss as well."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from transformers import TrainerCallback
 
 from qatune.train.run import complete_checkpoints, train
 from tests.conftest import REPO, tiny_config
@@ -79,3 +81,38 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model_dir, q
     assert "train.resume=true" in output and "Traceback" not in output
     resumed = train(tiny_config(tmp_path, tiny_model_dir, qa_file, *RUN, "train.resume=true")).report
     assert resumed["global_step"] == STEPS
+
+
+class StopAfter(TrainerCallback):
+    """Cuts a run short after `step` with a checkpoint saved there, as a crash after a save leaves it."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = control.should_training_stop = True
+
+
+@pytest.mark.parametrize("stage", ["dpo", "distill"])
+def test_preference_and_distill_runs_resume_where_they_stopped(tmp_path, tiny_model_dir, qa_file, stage) -> None:
+    from tests.conftest import write_jsonl
+
+    if stage == "dpo":
+        pytest.importorskip("trl")
+        pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+            {"question": q, "chosen": "Yes, certainly: the answer is well known.", "rejected": "No idea, sorry."}
+            for q in ("Who wrote Hamlet?", "什么是高血压？", "What is water made of?", "年假可以跨年使用吗？",
+                      "Where is Rome?", "头疼怎么办？", "What do bees make?", "Is ice cold?")])
+        data, extra = pairs, ["train.stage=dpo", "method.name=lora", "train.learning_rate=5e-3"]
+    else:
+        data, extra = qa_file, ["train.stage=distill", "distill.student_layers=2", "distill.temperature=1",
+                                "method.name=full", "model.dtype=float32"]
+    run = (*extra, "train.max_steps=6", "train.save_steps=100", "train.eval_at_start=false", "data.val_size=0")
+    reference = train(tiny_config(tmp_path / "a", tiny_model_dir, data, *run)).report
+    train(tiny_config(tmp_path / "b", tiny_model_dir, data, *run), callbacks=[StopAfter(3)])
+    assert [p.name for p in complete_checkpoints(tmp_path / "b" / "run")] == ["checkpoint-3"]
+    resumed = train(tiny_config(tmp_path / "b", tiny_model_dir, data, *run, "train.resume=true")).report
+    assert resumed["resumed_from"].endswith("checkpoint-3")
+    assert resumed["global_step"] == reference["global_step"] == 6
+    assert resumed["final_train_loss"] == pytest.approx(reference["final_train_loss"], abs=1e-4)
