@@ -1,4 +1,4 @@
-"""The GGUF writer beyond SmolLM: tiny random Llama 3.1 (llama3 rope scaling), Mistral and Qwen2 models,
+"""The GGUF writer beyond SmolLM: tiny random Llama 3.1 (llama3 rope scaling), Mistral, Qwen2 and Qwen3 models,
 written by qatune and loaded back in llama.cpp, compute what transformers computes; the rest is refused
 with the converter command."""
 
@@ -18,7 +18,7 @@ SIZE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 
 def _tiny(family: str, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, \
-        Qwen2ForCausalLM
+        Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                   **SIZE)
@@ -29,6 +29,12 @@ def _tiny(family: str, tokenizer):
         model = LlamaForCausalLM(LlamaConfig(rope_parameters=rope, **common))
     elif family == "mistral":
         model = MistralForCausalLM(MistralConfig(sliding_window=None, **common))
+    elif family == "qwen3":  # a head size other than hidden / heads, as Qwen3's own (128 at 1024 / 16)
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=32, sliding_window=None, **common))
+        with torch.no_grad():  # the per-head q/k norms start at one: make them count
+            for name, parameter in model.named_parameters():
+                if name.endswith(("q_norm.weight", "k_norm.weight")):
+                    parameter.uniform_(0.5, 1.5)
     else:
         model = Qwen2ForCausalLM(Qwen2Config(**common))
         with torch.no_grad():  # biases are initialised to zero: make them count
@@ -39,7 +45,7 @@ def _tiny(family: str, tokenizer):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama3.1", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama3.1", "mistral", "qwen2", "qwen3"])
 def test_family_written_by_qatune_computes_in_llama_cpp_what_transformers_does(family, tokenizer, tiny_model_dir,
                                                                                tmp_path):
     from gguf import GGUFReader
@@ -65,7 +71,7 @@ def test_family_written_by_qatune_computes_in_llama_cpp_what_transformers_does(f
                              top_k=None, eos_token_id=None, pad_token_id=0)
     assert greedy == out[0, len(ids):].tolist()
     fields = GGUFReader(str(tmp_path / "model.gguf")).fields
-    assert fields["general.architecture"].contents() == ("qwen2" if family == "qwen2" else "llama")
+    assert fields["general.architecture"].contents() == (family if family.startswith("qwen") else "llama")
     if family == "llama3.1":  # the scaling is real at these positions: without it transformers differs
         from transformers import LlamaConfig, LlamaForCausalLM
 

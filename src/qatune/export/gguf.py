@@ -1,7 +1,8 @@
 """GGUF for llama.cpp and Ollama, written with the `gguf` package's writer, and an Ollama Modelfile.
 
 The layout follows llama.cpp's own converter for the llama architecture (Llama, Llama 3.1's rope
-scaling as `rope_freqs`, Mistral) and qwen2 (Qwen2/2.5, attention biases): `blk.N.attn_q.weight`
+scaling as `rope_freqs`, Mistral), qwen2 (Qwen2/2.5, attention biases) and qwen3 (per-head q/k norms,
+a head size of its own): `blk.N.attn_q.weight`
 style names (the `gguf` package's tensor-name map), llama's query and key weights permuted to
 llama.cpp's rotary layout, 1-D tensors (norms, biases) in f32, the tied output matrix left out, and
 the byte-level BPE tokenizer (tokens, token types, merges, special ids, chat template) as metadata.
@@ -33,18 +34,19 @@ WRITER_TYPES = ("f32", "f16", "bf16", "q8_0")
 K_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")
 # Hugging Face model types written: llama.cpp architecture, and whether q/k rows are permuted into
 # llama.cpp's interleaved rotary layout (llama) or kept in the halves layout its qwen2 (NEOX) rope reads.
-ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
+                 "qwen3": ("qwen3", False)}
 
 
 def _arch_names() -> dict[str, Any]:
     import gguf
 
-    return {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
+    return {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}
 
 
 def write_gguf(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", tokenizer_dir: Path, path: Path,
                qtype: str, name: str, pre_tokenizer: str = "default") -> None:
-    """Write `model` (a plain Llama, Mistral or Qwen2 model, or a peft model: its base weights) and its
+    """Write `model` (a plain Llama, Mistral, Qwen2 or Qwen3 model, or a peft model: its base weights) and its
     tokenizer to `path`.
 
     `qtype`: f32, f16, bf16 or q8_0 written here; q4_k_m, q5_k_m or q6_k through llama.cpp's quantizer
@@ -64,7 +66,7 @@ def write_gguf(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", t
 
     cfg = model.config
     if cfg.model_type not in ARCHITECTURES:
-        raise GGUFExportError(f"this GGUF writer writes Llama (3.x included), Mistral and Qwen2/2.5 models; this one "
+        raise GGUFExportError(f"this GGUF writer writes Llama (3.x included), Mistral, Qwen2/2.5 and Qwen3 models; this one "
                               f"is {cfg.model_type!r}", hint=converter_command(tokenizer_dir))
     arch, permuted = ARCHITECTURES[cfg.model_type]
     rope = getattr(cfg, "rope_parameters", None) or {}
@@ -270,8 +272,8 @@ def lora_gguf_problem(settings: dict[str, Any], base_config: Any = None) -> str 
     if settings.get("peft_type") != "LORA":
         return f"it is a {settings.get('peft_type')} adapter (only LoRA has a GGUF form)"
     if base_config is not None and getattr(base_config, "model_type", None) not in ARCHITECTURES:
-        return (f"its base is a {getattr(base_config, 'model_type', None)!r} model (Llama, Mistral and Qwen2 "
-                "are written)")
+        return (f"its base is a {getattr(base_config, 'model_type', None)!r} model (Llama, Mistral, Qwen2 and "
+                "Qwen3 are written)")
     for key, what in (("use_dora", "DoRA"), ("modules_to_save", "fully trained modules (modules_to_save)"),
                       ("alpha_pattern", "per-module alphas (alpha_pattern)"), ("lora_bias", "LoRA biases")):
         if settings.get(key):
