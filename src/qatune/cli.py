@@ -537,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", help="bind address (serve.host, default 127.0.0.1)")
     srv.add_argument("--port", type=int, help="TCP port (serve.port, default 8000)")
     srv.add_argument("--engine", choices=["auto", "hf", "llamacpp", "vllm"],
-                     help="serve.engine: auto (default), hf (CPU or GPU), llamacpp (GGUF on the CPU) or vllm (CUDA GPU)")
+                     help="serve.engine: auto (default), hf (CPU or GPU), llamacpp (GGUF on the CPU) or vllm (a CUDA GPU, "
+                          "or the CPU with vLLM's CPU build: make vllm)")
 
     std = stages.add_parser(
         "studio", help="the whole road in the browser: data, train, evaluate, chat, export over a workspace folder",

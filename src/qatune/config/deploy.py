@@ -32,7 +32,8 @@ class ServeConfig(Section):
         "auto", description="auto: llamacpp on a CPU where llama-cpp-python is installed, else hf; on a CUDA GPU "
         "vllm where installed, else hf (printed with the reason). hf: qatune's continuous batching on "
         "transformers (CPU or GPU); llamacpp: continuous batching on llama.cpp, GGUF models on the CPU "
-        "(`pip install 'qatune[llamacpp]'`); vllm: vLLM on a CUDA GPU."
+        "(`pip install 'qatune[llamacpp]'`); vllm: vLLM on a CUDA GPU, or on the CPU with vLLM's CPU build "
+        "(`make vllm`: .venv-vllm)."
     )
     llamacpp_context: int | None = Field(
         None, ge=64, description="llamacpp: key/value cache cells of each running request: the longest prompt "
