@@ -569,8 +569,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import logging
 
     # torchao (for --quantize int8), once installed, is imported by transformers and logs its CUDA-kernel
-    # probes, and torch complains about how it registers enums: noise for every command.
-    for noisy in ("torchao", "torch.utils._pytree"):
+    # probes, and torch complains about how it registers enums: noise for every command. bitsandbytes
+    # (imported by peft) warns on an AVX512-BF16 CPU that it could not fetch a 4-bit kernel from the Hub
+    # (`pip install kernels` would make it download one at import): its own kernel runs instead.
+    for noisy in ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     ns = parse_args(argv)
     try:
