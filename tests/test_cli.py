@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from qatune.cli import _config, _positionals, main, parse_args
+from qatune.cli import main, parse_args
+from qatune.cli.common import config_from, split_args
 from tests.conftest import REPO
 
 DEMO = str(REPO / "examples" / "demo.yaml")
@@ -40,7 +41,7 @@ def test_help_answers_without_heavy_imports() -> None:
 def test_flags_and_overrides_go_in_any_order(argv) -> None:
     ns = parse_args(argv)
     assert ns.nproc == 2
-    config = _config(ns)
+    config = config_from(ns)
     assert config.train.max_steps == 3 and config.train.output_dir == "outputs/demo/lora"  # the demo file was read
 
 
@@ -49,17 +50,17 @@ def test_a_flag_never_drops_an_override(tmp_path) -> None:
     for argv in (["eval", "model.dtype=float32", "--model", "default", "--general", general],
                  ["eval", "--model", "default", "model.dtype=float32", "--general", general],
                  ["eval", "model=default", "model.dtype=float32", "--general", general]):
-        config = _config(parse_args(argv))
+        config = config_from(parse_args(argv))
         assert (config.model.name_or_path, config.model.dtype) == ("default", "float32"), argv
         assert [s.path for s in config.eval.general] == [general]
-    config = _config(parse_args(["train", DEMO, "--model", "default", "train.max_steps=1"]))
+    config = config_from(parse_args(["train", DEMO, "--model", "default", "train.max_steps=1"]))
     assert config.model.name_or_path == "default" and config.train.max_steps == 1
 
 
 def test_generate_takes_the_question_after_config_and_overrides(capsys) -> None:
     ns = parse_args(["generate", DEMO, "serve.decoding.temperature=0", "--model", "default",
                      "What is a fever?"])
-    plain, overrides = _positionals(ns.args)
+    plain, overrides = split_args(ns.args)
     assert plain == [DEMO, "What is a fever?"] and overrides == ["serve.decoding.temperature=0"]
     assert main(["generate", "a.yaml", "b.yaml", "question?"]) == 2
     assert "at most one CONFIG" in capsys.readouterr().err
