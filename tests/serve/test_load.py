@@ -11,7 +11,6 @@ import httpx
 import pytest
 
 DURATION_S = {"hf": 60, "llamacpp": 20}
-AT_LEAST = {"hf": 100, "llamacpp": 32}  # answered requests: every client kept being served (2 CPUs shared with others)
 CLIENTS = 16
 
 
@@ -38,7 +37,7 @@ def one_request(client: httpx.Client, rng: random.Random, models: list[str]) -> 
 @pytest.mark.slow
 def test_sixteen_clients_on_every_route(any_server):
     server = any_server
-    results: list[tuple[bool, str]] = []
+    results: list[tuple[int, bool, str]] = []  # client, answered, why not
     stop_at = time.monotonic() + DURATION_S[server.engine.kind]
     models = list(server.engine.models)[1:] or list(server.engine.models)  # the adapters, else the base
 
@@ -47,17 +46,20 @@ def test_sixteen_clients_on_every_route(any_server):
         with httpx.Client(base_url=server.url, timeout=60) as client:
             while time.monotonic() < stop_at:
                 try:
-                    results.append((one_request(client, rng, models), ""))
+                    results.append((seed, one_request(client, rng, models), ""))
                 except Exception as exc:  # a broken connection counts as an error too
-                    results.append((False, repr(exc)))
+                    results.append((seed, False, repr(exc)))
 
     threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(CLIENTS)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    failures = [why for ok, why in results if not ok]
+    failures = [why for _, ok, why in results if not ok]
     assert not failures, f"{len(failures)} of {len(results)} requests failed: {failures[:3]}"
-    assert len(results) > AT_LEAST[server.engine.kind]
+    # Every client kept being served (none starved behind the others); how many answers fit in the time is
+    # the machine's speed, measured in benchmarks/serve_load.py, not asserted here.
+    served = {client for client, ok, _ in results if ok}
+    assert served == set(range(CLIENTS))
     assert server.metric("qatune_requests_total", route="/v1/chat/completions", status="200") > 0
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
