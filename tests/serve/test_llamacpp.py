@@ -241,6 +241,21 @@ def test_an_export_folder_serves_its_gguf_by_preference(tmp_path):
     assert export_gguf(tmp_path).name == "model-q4_k_m.gguf"
 
 
+def test_default_is_served_from_its_conversion_not_the_shipped_q4_1_file():
+    """The embedded model's package folder holds its Q4_1 GGUF: it is not an export folder, or the engine would
+    serve that file (half q8_0's speed in batches)."""
+    import gguf
+    from rich.console import Console
+
+    from qatune.config import ModelConfig
+    from qatune.serve.gguf_files import model_gguf
+
+    path = model_gguf(ModelConfig(name_or_path="default"), "q8_0", Console(quiet=True))
+    file_type = gguf.GGUFReader(path).get_field("general.file_type")
+    assert path.name.endswith("-q8_0.gguf")
+    assert int(file_type.parts[file_type.data[0]][0]) == gguf.LlamaFileType.MOSTLY_Q8_0
+
+
 def test_an_adapter_only_export_is_not_served_as_the_tuned_model(tmp_path):
     """`export --gguf-adapter` leaves adapter.gguf and the unmerged base-f16.gguf: neither is the tuned model."""
     from qatune.serve.gguf_files import export_gguf

@@ -36,8 +36,10 @@ class MethodConfig(Section):
         "the CPU; the adapter merges into the unquantized base). `full`: every weight. `freeze`: the last decoder "
         "layers (or named modules). `prefix`: prefix tuning (virtual tokens).",
     )
-    lora_rank: int = Field(16, ge=1, description="LoRA rank r.")
-    lora_alpha: float = Field(32, gt=0, description="LoRA scaling alpha.")
+    lora_rank: int = Field(16, ge=1, description="LoRA rank r (8-64 is the usual range; 16 for the default model, "
+                           "benchmarks/sweep_defaults.py).")
+    lora_alpha: float = Field(32, gt=0, description="LoRA scaling alpha (the adapter's update is scaled by "
+                              "alpha / r; alpha = 2 x rank is the common choice).")
     lora_dropout: float = Field(
         0.0, ge=0, lt=1, description="Dropout on the LoRA path (0 is fastest; 0.05-0.1 can help tiny data sets)."
     )

@@ -1,9 +1,10 @@
 """Which GGUF file the llamacpp engine serves for a model, and the conversions that make one.
 
 - a `.gguf` file, or a folder with `model.gguf_file`: that file;
-- `default`: the embedded model's own weights as q8_0, converted once. The file it ships is Q4_1, for
-  which llama.cpp has no tiled matrix kernel on x86: measured here, one thread, 16 sequences decode in
-  509 ms a step from the Q4_1 file and in 267 ms from q8_0, and a 60-token prompt in 1.59 s against 0.65 s;
+- `default`: the embedded model's own weights as `serve.llamacpp_gguf` (q8_0), converted once. The file
+  it ships is Q4_1, for which llama.cpp has no tiled matrix kernel on x86: measured here, one thread, 16
+  sequences decode in 509 ms a step from the Q4_1 file and in 267 ms from q8_0, and a 60-token prompt in
+  1.59 s against 0.65 s (its package folder is therefore not read as an export folder);
 - a qatune export folder (it holds `model-<type>.gguf`): its GGUF, the first of `GGUF_PREFERENCE`;
 - a Hugging Face folder, an adapter folder used as a model, or base + LoRA adapter: converted once
   with qatune's GGUF writer (`export.gguf.write_gguf`; the adapter merged into the base first) into
@@ -37,7 +38,7 @@ def model_gguf(model_cfg: "ModelConfig", qtype: str, console: "Console") -> Path
     location = locate_model(model_cfg)
     if location.gguf_file and model_cfg.name_or_path != DEFAULT_MODEL:
         return Path(location.path) / location.gguf_file
-    if location.is_local:
+    if location.is_local and not location.gguf_file:  # `default`'s folder holds its Q4_1 file: not an export
         exported = export_gguf(Path(location.path))
         if exported is not None:
             return exported
@@ -60,7 +61,7 @@ def export_gguf(folder: Path) -> Path | None:
 
 
 def converted(model_cfg: "ModelConfig", adapter: str | None, qtype: str, console: "Console") -> Path:
-    """The model (with `adapter` merged into it) as a cached GGUF file of `qtype` (f16 or q8_0)."""
+    """The model (with `adapter` merged into it) as a cached GGUF file of `qtype` (q8_0, f16 or bf16)."""
     from qatune.models import cache_dir
 
     name = Path(adapter or model_cfg.name_or_path).name or "model"

@@ -213,5 +213,6 @@ def check_llamacpp(max_batch_size: int) -> None:
 
 def default_threads() -> int:
     """llama-cpp-python's own default: half the CPUs this process may use (one per core where cores run two
-    threads); on a busy machine more threads than free cores make llama.cpp's threads wait on each other."""
+    threads); on a busy machine more threads than free cores make llama.cpp's threads wait on each other
+    (measured on 2 cores under a load average of 11: a 60-token prompt took 0.71 s on 1 thread, 7.2 s on 2)."""
     return max(1, len(os.sched_getaffinity(0)) // 2) if hasattr(os, "sched_getaffinity") else max(1, (os.cpu_count() or 2) // 2)

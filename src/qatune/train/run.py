@@ -31,6 +31,7 @@ from qatune import __version__
 from qatune import files as atomic
 from qatune.config import QatuneConfig
 from qatune.recipe import execute
+from qatune.train import learning_rate_advice
 from qatune.train import report as train_report
 from qatune.train.arguments import (
     check_distributed,
@@ -145,6 +146,8 @@ def plan(config: QatuneConfig, runtime: "Runtime", callbacks: Sequence[Any] = ()
     refuse_unless_data_folder(Path(config.data.output_dir))  # the data stage's own plan checks the rest
     stage = TRAINING_STAGES[cfg.stage]
     stage.check(config, runtime)
+    for advice in learning_rate_advice.plan_warnings(config):  # the model's size calls for another value
+        runtime.console.print(f"[yellow]{advice}[/yellow]")
     return TrainPlan(config, runtime, stage, precision, output, tuple(callbacks))
 
 

@@ -1,0 +1,113 @@
+"""The learning rate a model's size calls for, said in the train plan before anything loads.
+
+qatune's default train.learning_rate is the one measured best for LoRA on the default model (SmolLM2-135M,
+benchmarks/sweep_defaults.py). Larger models want less; the values cited for them (benchmarks/README.md,
+"sweep_defaults"):
+
+- LoRA / QLoRA, 1B-13B: 2e-4 (QLoRA, Dettmers et al. 2023, appendix: 2e-4 for 7B and 13B);
+  33B and up: 1e-4 (QLoRA: 1e-4 for 33B and 65B).
+- Full fine-tuning (and `freeze`, which fully trains its layers): 1e-5 to 2e-5 (Stanford Alpaca, 7B: 2e-5;
+  LIMA, 65B: 1e-5).
+
+Preference training (dpo, kto, orpo, simpo) wants far less than SFT whatever the size: 5e-5 with LoRA, 5e-6
+full (LLaMA-Factory's and TRL's DPO examples use 5e-6 to 5e-5; Zephyr's full DPO 5e-7), so only a rate above
+that is said (the SFT default left in place would wreck the model). Distillation has its own customs, and prefix
+tuning none we measured or cite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from qatune.config.train import TrainConfig
+
+if TYPE_CHECKING:
+    from qatune.config import QatuneConfig
+
+BILLION = 1_000_000_000
+LARGE_MODEL = 20 * BILLION  # between QLoRA's 13B (2e-4) and 33B (1e-4)
+SPREAD = 2.5  # a learning rate within 2.5x of the suggested one is the same choice (one sweep step: 2e-4 -> 5e-4)
+CHECKED_STAGES = ("sft", "pt")
+PREFERENCE_STAGES = ("dpo", "kto", "orpo", "simpo")
+ADAPTER_METHODS = ("lora", "qlora")
+FULL_METHODS = ("full", "freeze")
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    learning_rate: float
+    source: str  # where the value comes from, for the warning
+
+
+def model_size(parameters: int) -> str:
+    """135M, 7.2B: how a model's size is said."""
+    return f"{parameters / BILLION:.1f}B" if parameters >= BILLION else f"{parameters / 1e6:.0f}M"
+
+
+def rate(value: float) -> str:
+    """2e-4, 1.5e-3: a learning rate as configs write it."""
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
+
+
+def suggested_learning_rate(method: str, parameters: int) -> Suggestion | None:
+    """The learning rate measured or cited for `method` on a model of `parameters`; None where there is none."""
+    if method in ADAPTER_METHODS:
+        if parameters < BILLION:
+            return Suggestion(TrainConfig.model_fields["learning_rate"].default,
+                              "measured best for LoRA on SmolLM2-135M (benchmarks/sweep_defaults.py)")
+        if parameters < LARGE_MODEL:
+            return Suggestion(2e-4, "the value for LoRA/QLoRA on 1B-13B models (QLoRA paper: 2e-4 for 7B and 13B)")
+        return Suggestion(1e-4, "the value for LoRA/QLoRA on 33B+ models (QLoRA paper: 1e-4 for 33B and 65B)")
+    if method in FULL_METHODS:
+        if parameters < LARGE_MODEL:
+            return Suggestion(2e-5, "the value for full fine-tuning (1e-5 to 2e-5; Stanford Alpaca 7B: 2e-5)")
+        return Suggestion(1e-5, "the value for full fine-tuning of 33B+ models (LIMA 65B: 1e-5)")
+    return None
+
+
+def preference_learning_rate(method: str) -> Suggestion | None:
+    """The usual rate of preference training with `method`; None where there is none."""
+    if method in ADAPTER_METHODS:
+        return Suggestion(5e-5, "the usual rate for preference training with LoRA (DPO examples: 5e-6 to 5e-5)")
+    if method in FULL_METHODS:
+        return Suggestion(5e-6, "the usual rate for full preference training (DPO examples: 5e-7 to 5e-6)")
+    return None
+
+
+def learning_rate_warning(method: str, stage: str, learning_rate: float, parameters: int | None) -> str | None:
+    """A warning when `learning_rate` is more than SPREAD times off the one suggested for this model size (for
+    preference stages: more than SPREAD times above the usual rate)."""
+    if stage in PREFERENCE_STAGES:
+        suggestion = preference_learning_rate(method)
+        if suggestion is None or learning_rate <= suggestion.learning_rate * SPREAD:
+            return None
+        return (f"train.learning_rate={rate(learning_rate)} looks high for {stage} with method {method}: "
+                f"{rate(suggestion.learning_rate)} is {suggestion.source}; set "
+                f"train.learning_rate={rate(suggestion.learning_rate)}")
+    if parameters is None or stage not in CHECKED_STAGES:
+        return None
+    suggestion = suggested_learning_rate(method, parameters)
+    if suggestion is None:
+        return None
+    suggested = suggestion.learning_rate
+    if suggested / SPREAD <= learning_rate <= suggested * SPREAD:
+        return None
+    direction = "high" if learning_rate > suggested else "low"
+    return (f"train.learning_rate={rate(learning_rate)} looks {direction} for a {model_size(parameters)}-parameter "
+            f"model with method {method}: {rate(suggested)} is {suggestion.source}; set "
+            f"train.learning_rate={rate(suggested)}, or "
+            "keep yours if you measured it (`qatune tune` searches it)")
+
+
+def plan_warnings(config: QatuneConfig) -> list[str]:
+    """What the train plan says about this config's hyper-parameters for its model's size (reads no weights)."""
+    from qatune.models import parameter_count
+
+    stage, method = config.train.stage, config.method.name
+    if stage not in CHECKED_STAGES + PREFERENCE_STAGES or method not in ADAPTER_METHODS + FULL_METHODS:
+        return []  # nothing to say: do not read the model's config
+    parameters = parameter_count(config.model) if stage in CHECKED_STAGES else None  # preference: size-free
+    warning = learning_rate_warning(method, stage, config.train.learning_rate, parameters)
+    return [warning] if warning else []
