@@ -133,11 +133,7 @@ def run_naive(args: argparse.Namespace, out: Path, data: Path) -> dict:
 def run_llamafactory(args: argparse.Namespace, out: Path, data: Path) -> tuple[list[str], Callable[[], dict]]:
     """The peer script's command line, and how to read its result once it has run."""
     precision = job_precision()
-    keys = [f"max_steps={args.steps}", "include_num_input_tokens_seen=non_padding",
-            f"bf16={'true' if precision == 'bf16' else 'false'}", f"fp16={'true' if precision == 'fp16' else 'false'}",
-            *([] if _cuda() else ["use_cpu=true"])]
-    command = ["bash", str(PEER), "train", str(args.lf_venv), str(default_model_folder()), str(data), str(out),
-               *keys, *args.llamafactory]
+    command = peer_command(args.lf_venv, out, data, [f"max_steps={args.steps}", *args.llamafactory])
 
     def result() -> dict:
         metrics = json.loads((out / "run" / "all_results.json").read_text())
@@ -152,6 +148,20 @@ def run_llamafactory(args: argparse.Namespace, out: Path, data: Path) -> tuple[l
 
 # ---------------------------------------------------------------------------------------------
 # Shared pieces
+
+
+def peer_command(venv: Path, out: Path, data: Path, keys: list[str]) -> list[str]:
+    """The peer script's command line for a job on `data`, in qatune's precision, with YAML overrides `keys`."""
+    precision = job_precision()
+    return ["bash", str(PEER), "train", str(venv), str(default_model_folder()), str(data), str(out),
+            "include_num_input_tokens_seen=non_padding", f"bf16={'true' if precision == 'bf16' else 'false'}",
+            f"fp16={'true' if precision == 'fp16' else 'false'}", *([] if _cuda() else ["use_cpu=true"]), *keys]
+
+
+def ensure_peer(venv: Path) -> None:
+    if not (venv / "bin" / "llamafactory-cli").is_file():
+        print(f"setting up LLaMA-Factory 0.9.5 in {venv} (once, a few minutes)", flush=True)
+        subprocess.run(["bash", str(PEER), "setup", str(venv)], check=True)
 
 
 def _cuda() -> bool:
@@ -213,6 +223,11 @@ def run_way(way: str, args: argparse.Namespace, out: Path, data: Path) -> dict:
                    "--steps", str(args.steps), "--max-length", str(args.max_length),
                    *[f"--qatune={kv}" for kv in args.qatune]]
         read_result = lambda: json.loads((out / "result.json").read_text())  # noqa: E731
+    return measured_run(way, command, out, read_result)
+
+
+def measured_run(way: str, command: list[str], out: Path, read_result: Callable[[], dict]) -> dict:
+    """Run `command` (one way's training, logging to OUT/log.txt), then its result with peak RSS and GPU memory."""
     log = (out / "log.txt").open("w")
     started = time.perf_counter()
     with GpuMemorySampler() if _cuda() else _Nothing() as gpu:
@@ -323,9 +338,8 @@ def main() -> int:
     if not TRAIN.is_file():
         print(f"needs {TRAIN} (../shared beside the repository)", file=sys.stderr)
         return 1
-    if "llamafactory" in args.ways and not (args.lf_venv / "bin" / "llamafactory-cli").is_file():
-        print(f"setting up LLaMA-Factory 0.9.5 in {args.lf_venv} (once, a few minutes)", flush=True)
-        subprocess.run(["bash", str(PEER), "setup", str(args.lf_venv)], check=True)
+    if "llamafactory" in args.ways:
+        ensure_peer(args.lf_venv)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
