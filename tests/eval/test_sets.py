@@ -75,6 +75,27 @@ def test_max_items_caps_the_set(tmp_path):
     assert len(load_eval_set(SourceConfig(path=str(path)), max_items=3)) == 3
 
 
+def test_a_source_s_max_records_caps_it_as_in_the_data_stage(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(10)])
+    assert [item.question for item in load_eval_set(SourceConfig(path=str(path), max_records=4)).qa] == \
+        ["q0", "q1", "q2", "q3"]
+
+
+def test_two_files_of_one_name_are_named_by_their_folders(tmp_path):
+    from qatune.config import EvalConfig
+    from qatune.eval.recipe import load_sets
+
+    files = []
+    for folder in ("zh_medical_qa", "en_medical_qa"):
+        (tmp_path / folder).mkdir()
+        files.append(str(write_jsonl(tmp_path / folder / "test.jsonl", [{"question": "q", "answer": "a"}])))
+    general = tmp_path / "zh_medical_qa" / "mcq"
+    general.mkdir()
+    mcq = write_jsonl(general / "test.jsonl", [{"question": "q", "choices": ["x", "y"], "answer": "A"}])
+    names = [s.name for s in load_sets(EvalConfig(data=files + [files[0]], general=[str(mcq)]))]
+    assert names == ["zh_medical_qa/test#1", "en_medical_qa/test", "zh_medical_qa/test#3", "mcq/test"]
+
+
 def test_shared_sets_load_without_skips(shared_data):
     zh = load_eval_set(SourceConfig(path=str(shared_data / "zh_medical_qa" / "test.jsonl")))
     general = load_eval_set(SourceConfig(path=str(shared_data / "general_mcq" / "zh.jsonl")), role="general")

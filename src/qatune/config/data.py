@@ -45,7 +45,7 @@ class SourceConfig(Section):
     )
     tags: SharegptTags = Field(default_factory=SharegptTags, description="Role and content keys for sharegpt.")
     name: str | None = Field(None, description="Label in the report; defaults to the file or dataset name.")
-    max_records: int | None = Field(None, ge=1, description="Read at most this many records (after the first).")
+    max_records: int | None = Field(None, ge=1, description="Read at most this many records of each file: its first ones.")
 
 
 

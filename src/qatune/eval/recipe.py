@@ -101,12 +101,15 @@ class EvalResult:
 
 def load_sets(cfg: EvalConfig, encoding: str = "utf-8") -> list[EvalSet]:
     """The domain (eval.data) and general (eval.general) sets, each name unique."""
-    sets = [load_eval_set(s, "domain", cfg.max_samples, encoding) for s in cfg.data]
-    sets += [load_eval_set(s, "general", cfg.max_samples, encoding) for s in cfg.general]
-    names = [s.name for s in sets]
-    for s in sets:  # two files both called test.jsonl must not share a row in the report
-        if names.count(s.name) > 1:
-            s.name = f"{s.role}/{s.name}"
+    sources = [(s, "domain") for s in cfg.data] + [(s, "general") for s in cfg.general]
+    sets = [load_eval_set(s, role, cfg.max_samples, encoding) for s, role in sources]
+    # Two files both called test.jsonl must not share a row in the report: each is named by its folder
+    # too (zh_medical_qa/test, en_medical_qa/test), then, where that is not enough, numbered.
+    for rename in (lambda i: f"{Path(sources[i][0].path).resolve().parent.name}/{sets[i].name}",
+                   lambda i: f"{sets[i].name}#{i + 1}"):
+        names = [s.name for s in sets]
+        for i in [i for i, name in enumerate(names) if names.count(name) > 1]:
+            sets[i].name = rename(i)
     return sets
 
 

@@ -96,8 +96,9 @@ def load_eval_set(source: SourceConfig, role: str = "domain", max_items: int | N
     out = EvalSet(name, role)
     for path in data_files(source.path):
         fmt = None
-        for raw in read_records(path, encoding):
-            if max_items is not None and len(out) >= max_items:
+        for taken, raw in enumerate(read_records(path, encoding)):
+            if (max_items is not None and len(out) >= max_items) or \
+                    (source.max_records is not None and taken >= source.max_records):  # as the data stage reads
                 break
             item_id = f"{path.name}:{raw.location.line}"
             if raw.error is not None:
