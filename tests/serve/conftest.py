@@ -126,6 +126,20 @@ def llamacpp_server(start_server) -> Iterator[RunningServer]:
     yield start_server(llamacpp_config())
 
 
+def pace_steps(server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every engine step of `server` takes at least 5 ms for this test, so a long answer outlasts a client that
+    leaves it: llama.cpp writes the default model's 300 tokens in about 0.3 s on a fast machine, and a client
+    racing that proves nothing."""
+    batcher = server.engine.batcher
+    step = batcher._step
+
+    def paced(admitted):
+        time.sleep(0.005)
+        return step(admitted)
+
+    monkeypatch.setattr(batcher, "_step", paced)
+
+
 @pytest.fixture(params=["hf", "llamacpp"])
 def any_server(request) -> RunningServer:
     """Each engine's shared server in turn: hf on the tiny model with adapters, llamacpp on the default model."""

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serve.conftest import engine_config, serve_config
+from tests.serve.conftest import engine_config, pace_steps, serve_config
 
 QUESTION = [{"role": "user", "content": "What should I do when I have a fever? 发烧了怎么办？"}]
 
@@ -193,6 +193,11 @@ def long_answer(any_server) -> dict:
     return body
 
 
+@pytest.fixture
+def paced_steps(any_server, monkeypatch) -> None:
+    pace_steps(any_server, monkeypatch)
+
+
 def wait_until_idle(server) -> None:
     deadline = time.time() + 10
     while server.engine.batcher.running and time.time() < deadline:
@@ -200,7 +205,7 @@ def wait_until_idle(server) -> None:
     assert server.engine.batcher.running == 0
 
 
-def test_a_streaming_client_that_disconnects_stops_its_generation(any_server, long_answer):
+def test_a_streaming_client_that_disconnects_stops_its_generation(any_server, long_answer, paced_steps):
     server = any_server
     before = server.metric("qatune_generated_tokens_total")
     with httpx.stream("POST", server.url + "/v1/chat/completions", json={**long_answer, "stream": True},
@@ -212,16 +217,11 @@ def test_a_streaming_client_that_disconnects_stops_its_generation(any_server, lo
     assert server.metric("qatune_generated_tokens_total") - before < long_answer["max_tokens"] * 2 / 3
 
 
-def test_a_waiting_client_that_disconnects_stops_its_generation(any_server, long_answer):
+def test_a_waiting_client_that_disconnects_stops_its_generation(any_server, long_answer, paced_steps):
     server = any_server
-    started = time.monotonic()
-    httpx.post(server.url + "/v1/chat/completions", json=long_answer, timeout=120)
-    alone = time.monotonic() - started
     before = server.metric("qatune_generated_tokens_total")
-    # The client gives up after a quarter of the whole answer's time (at most 0.3 s) and closes the connection:
-    # llama.cpp writes the tiny model's 300 tokens in about 0.3 s on an idle machine.
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/chat/completions", json=long_answer, timeout=min(0.3, alone / 4))
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 0.3 s (the answer takes 1.5 s at least)
+        httpx.post(server.url + "/v1/chat/completions", json=long_answer, timeout=0.3)
     wait_until_idle(server)
     assert server.metric("qatune_generated_tokens_total") - before < long_answer["max_tokens"] * 2 / 3
 
