@@ -61,7 +61,7 @@ def run_qatune(args: argparse.Namespace, out: Path, data: Path) -> dict:
     overrides = [
         "model=default", f"data.sources=[{json.dumps(str(data))}]", f"data.max_length={args.max_length}",
         "data.val_size=0", f"data.output_dir={out / 'data'}", f"train.output_dir={out / 'run'}", "train.stage=dpo",
-        f"train.max_steps={args.steps}", f"train.per_device_batch_size={BATCH}",
+        "train.overwrite_output_dir=true", f"train.max_steps={args.steps}", f"train.per_device_batch_size={BATCH}",
         f"train.gradient_accumulation_steps={ACCUMULATION}", f"train.learning_rate={LEARNING_RATE}",
         "train.lr_scheduler=cosine", "train.warmup_ratio=0", f"train.seed={SEED}", "train.eval_at_start=false",
         "train.preview_questions=0", "train.report_to=none", f"preference.beta={BETA}", "preference.loss_type=sigmoid",

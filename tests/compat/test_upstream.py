@@ -232,6 +232,46 @@ def test_trl_preference_trainers_keep_what_the_preference_stage_relies_on() -> N
     assert parameters(subclass._track_num_input_tokens) == parameters(DPOTrainer._track_num_input_tokens)
 
 
+def test_trls_fused_lm_head_on_a_cpu_scores_answer_positions_only_with_the_same_result(tiny_model_dir) -> None:
+    pytest.importorskip("trl")
+    from transformers import AutoModelForCausalLM
+    from trl.kernels import chunked_logprob
+    from trl.trainer import utils
+
+    from qatune.compat.trl import CPU_VOCAB_TILE, labelled_positions_only
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    utils.add_fused_lm_head(model)
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    labels = ids.clone()
+    labels[:, :7] = -100  # the prompt
+    labels[1, 10:] = -100  # padding
+    scored = []
+    apply = chunked_logprob.ChunkedLogProbFunction.apply
+
+    def counting(hidden, weight, bias, targets, temperature, tile, *rest):
+        scored.append((hidden.shape[0], tile))
+        return apply(hidden, weight, bias, targets, temperature, tile, *rest)
+
+    def log_probs_and_gradient() -> tuple[torch.Tensor, torch.Tensor]:
+        model.zero_grad()
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+        out.sum().backward()
+        return out.detach(), model.model.layers[0].mlp.down_proj.weight.grad.clone()
+
+    before = (utils._use_triton, utils._CHUNKED_LOGPROB_CHUNK_SIZE)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(chunked_logprob.ChunkedLogProbFunction, "apply", counting)
+        trl_own = log_probs_and_gradient()
+        with labelled_positions_only():
+            ours = log_probs_and_gradient()
+    assert (utils._use_triton, utils._CHUNKED_LOGPROB_CHUNK_SIZE) == before
+    assert scored == [(2 * 11, before[1]), (5 + 3, CPU_VOCAB_TILE)]  # every shifted position, then labelled ones
+    torch.testing.assert_close(ours[0], trl_own[0])
+    torch.testing.assert_close(ours[1], trl_own[1])
+
+
 @pytest.mark.parametrize("module", ["torch", "transformers", "peft", "datasets", "process", "uvicorn",
                                     "bitsandbytes", "trl"])
 def test_every_compat_module_is_documented(module) -> None:

@@ -16,8 +16,10 @@ orpo and simpo need no reference.
 
 Fast paths: padding-free rows, qatune's chunked loss and lean dropout do not apply here: TRL pads each
 batch (its padding-free mode is off since its DPO refactor), computes dpo/kto log-probabilities with its own
-chunked ("fused") LM head (orpo/simpo: full logits), and turns dropout off. Length-grouped batches, the
-mixed-precision cast removal and the CPU kernel cache apply as in SFT.
+chunked ("fused") LM head (orpo/simpo: full logits), and turns dropout off. On a CPU that head scores the
+answer positions only, in narrower vocabulary tiles (`compat.trl.labelled_positions_only`: TRL scores every
+position there). Length-grouped batches, the mixed-precision cast removal and the CPU kernel cache apply as
+in SFT.
 
 TRL 1.x needs Python 3.11; on 3.10 these stages are refused in the plan, before anything is loaded.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from qatune.train.checkpoints import TrainError
@@ -61,6 +64,11 @@ class PreferenceStage(TrainingStage):
             raise TrainError(f"method prefix with train.stage={self.name}: the preference stages run lora, qlora, "
                              "full and freeze (prefix tuning with TRL's preference trainers is not verified here)",
                              hint="use method.name=lora (or qlora, full, freeze)")
+
+    def library_patches(self, runtime: "Runtime") -> AbstractContextManager[None]:
+        from qatune.compat.trl import labelled_positions_only
+
+        return labelled_positions_only() if runtime.device == "cpu" else nullcontext()
 
     def build_trainer(self, inputs: TrainerInputs) -> tuple[Any, "FastPaths"]:
         import torch

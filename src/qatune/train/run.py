@@ -168,6 +168,7 @@ def process_state(plan: TrainPlan) -> Iterator[None]:
         stack.enter_context(seeded(plan.config.train.seed, plan.runtime.device))
         stack.enter_context(progress_bars_off())
         stack.enter_context(optimizer_overrides_scoped())  # 8-bit optimizers' overrides end with this training
+        stack.enter_context(plan.stage.library_patches(plan.runtime))
         yield
 
 

@@ -12,6 +12,7 @@ names every stage; the loop, outputs, resume and reports stay shared.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,10 @@ class TrainingStage:
     def adapt_model(self, model: Any, config: "QatuneConfig") -> Any:
         """The loaded model before the method picks what trains (distill cuts its student from it here)."""
         return model
+
+    def library_patches(self, runtime: "Runtime") -> AbstractContextManager[None]:
+        """What this stage changes in a library while it loads and trains (`process_state` undoes it)."""
+        return nullcontext()
 
     def trainer_class(self) -> type:
         from qatune.train.trainer import QatuneTrainer
