@@ -31,26 +31,21 @@ how the run was split on a busy machine (`--teacher`, `--students-only`, `--deco
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sweep_defaults import load, quiet_runtime  # noqa: E402  (the defaults sweep's loading, one way for both)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 TRAIN_SETS = [SHARED / "zh_medical_qa" / "train.jsonl", SHARED / "en_medical_qa" / "train.jsonl"]
 TEST_SETS = [SHARED / "zh_medical_qa" / "test.jsonl", SHARED / "en_medical_qa" / "test.jsonl"]
 GENERAL_SETS = [SHARED / "general_mcq" / "zh.jsonl", SHARED / "general_mcq" / "en.jsonl"]
-
-
-def quiet_runtime():
-    from rich.console import Console
-
-    from qatune.runtime import Runtime
-
-    return Runtime.detect(Console(file=io.StringIO()))
 
 
 def train_run(args: argparse.Namespace, model: str, out: Path, method: str, steps: int, learning_rate: float,
@@ -70,18 +65,6 @@ def train_run(args: argparse.Namespace, model: str, out: Path, method: str, step
     report = train(config, quiet_runtime()).report
     return {"seconds": round(time.perf_counter() - started, 1), "steps": report["global_step"],
             "final_train_loss": report.get("final_train_loss")}
-
-
-def load(model_name: str):
-    from qatune.config import ModelConfig
-    from qatune.data.templates import resolve_template
-    from qatune.models import load_model, load_tokenizer
-
-    runtime = quiet_runtime()
-    model_cfg = ModelConfig(name_or_path=model_name)
-    tokenizer = load_tokenizer(model_cfg)
-    model = load_model(model_cfg, dtype=runtime.dtype(model_cfg)).to(runtime.device).eval()
-    return model, tokenizer, resolve_template(tokenizer)
 
 
 def measure_quality(args: argparse.Namespace, model_name: str) -> dict:

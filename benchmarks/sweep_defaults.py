@@ -62,15 +62,11 @@ def train_run(args: argparse.Namespace, out: Path, learning_rate: float, rank: i
 
 
 def load(model_name: str):
+    """The model, its tokenizer and its template, loaded as qatune's evaluation loads them."""
     from qatune.config import ModelConfig
-    from qatune.data.templates import resolve_template
-    from qatune.models import load_model, load_tokenizer
+    from qatune.infer.load import load_for_inference
 
-    runtime = quiet_runtime()
-    model_cfg = ModelConfig(name_or_path=model_name)
-    tokenizer = load_tokenizer(model_cfg)
-    model = load_model(model_cfg, dtype=runtime.dtype(model_cfg)).to(runtime.device).eval()
-    return model, tokenizer, resolve_template(tokenizer)
+    return load_for_inference(ModelConfig(name_or_path=model_name), quiet_runtime())
 
 
 def eval_sets(records: int, role: str = "domain") -> dict:

@@ -5,6 +5,7 @@ each context manager leaves the state as it found it."""
 from __future__ import annotations
 
 import inspect
+from typing import Any
 import os
 import random
 import signal
@@ -270,6 +271,48 @@ def test_trls_fused_lm_head_on_a_cpu_scores_answer_positions_only_with_the_same_
     assert scored == [(2 * 11, before[1]), (5 + 3, CPU_VOCAB_TILE)]  # every shifted position, then labelled ones
     torch.testing.assert_close(ours[0], trl_own[0])
     torch.testing.assert_close(ours[1], trl_own[1])
+
+
+def fused_dpo_forward(tiny_model_dir, batch: dict, prompts_once: bool) -> tuple[Any, torch.Tensor, list]:
+    """TRL's fused forward of a DPO batch (with qatune's prompt-once rows or not), a gradient, and its calls."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer import utils
+
+    from qatune.compat.trl import run_prompts_once
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    fused, calls = model.forward, []
+    model.forward = lambda **kwargs: calls.append(kwargs) or fused(**kwargs)
+    if prompts_once:
+        run_prompts_once(model)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                fused_lm_head=True, use_cache=False)
+    out.log_probs.sum().backward()
+    return out, model.model.layers[0].self_attn.q_proj.weight.grad, calls
+
+
+def test_dpo_pairs_run_their_prompt_once_with_the_scores_of_separate_rows(tiny_model_dir) -> None:
+    pytest.importorskip("trl")
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    pairs = [{"prompt_ids": [5, 6, 7, 8], "chosen_ids": [9, 10, 11], "rejected_ids": [12, 13, 14, 15, 16, 17]},
+             {"prompt_ids": [20, 21, 22, 23, 24, 25, 26], "chosen_ids": [27, 28, 29, 30], "rejected_ids": [31]}]
+    batch = DataCollatorForPreference(pad_token_id=0)(pairs)  # TRL's own batch: [chosen rows; rejected rows]
+    trl_own, trl_gradient, _ = fused_dpo_forward(tiny_model_dir, batch, prompts_once=False)
+    ours, gradient, calls = fused_dpo_forward(tiny_model_dir, batch, prompts_once=True)
+    assert [tuple(call["input_ids"].shape) for call in calls] == [(2, 4 + 3 + 1 + 6)]  # one row a pair
+    assert calls[0]["attention_mask"].ndim == 4 and "shift_labels" in calls[0]
+    for name in ("log_probs", "entropy", "mean_logits"):
+        torch.testing.assert_close(getattr(ours, name), getattr(trl_own, name), atol=1e-5, rtol=1e-4)
+    assert torch.equal(ours.label_mask, trl_own.label_mask) and torch.equal(ours.is_top1, trl_own.is_top1)
+    torch.testing.assert_close(ours.loss, trl_own.loss)
+    torch.testing.assert_close(gradient, trl_gradient, atol=1e-5, rtol=1e-4)
+
+    pairs[1]["rejected_ids"] = []  # an empty answer: the batch goes through TRL's rows unchanged
+    _, _, calls = fused_dpo_forward(tiny_model_dir, DataCollatorForPreference(pad_token_id=0)(pairs), True)
+    assert [tuple(call["input_ids"].shape) for call in calls] == [(4, 7 + 4)] and "shift_labels" not in calls[0]
 
 
 @pytest.mark.parametrize("module", ["torch", "transformers", "peft", "datasets", "process", "uvicorn",

@@ -60,3 +60,91 @@ def labelled_positions_only() -> Iterator[None]:
         yield
     finally:
         utils._use_triton, utils._CHUNKED_LOGPROB_CHUNK_SIZE = use_triton, tile
+
+
+def run_prompts_once(model: Any) -> None:
+    """DPO's policy and reference passes run each pair's prompt once instead of once per answer.
+
+    TRL's DPO batch is [chosen rows; rejected rows], each `prompt + answer`, and the model's fused forward
+    (`add_fused_lm_head`, on `model`) scores them. Here each pair becomes one row, `prompt, chosen, p', rejected`:
+    `p'` repeats the prompt's last token at its position, the rejected tokens see the prompt (without its last
+    token, which `p'` stands for) and themselves but not the chosen answer, and positions restart after the
+    prompt, so every answer token is computed as in its own row; the scores are put back where TRL reads them.
+    A batch that does not have that shape (a pair whose prompts differ, left padding, an empty answer, extra
+    inputs) goes through TRL's forward unchanged. sdpa attention only (the custom mask is a boolean one).
+    """
+    fused = model.forward
+
+    def forward(*args: Any, fused_lm_head: bool = False, labels: Any = None, **kwargs: Any) -> Any:
+        packed = (_pack_pairs(kwargs, labels) if fused_lm_head and not args and labels is not None
+                  and model.config._attn_implementation == "sdpa" else None)
+        if packed is None:
+            return fused(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
+        inputs, shape, (rows, columns), (packed_rows, packed_columns) = packed
+        out = fused(**inputs, fused_lm_head=True, use_cache=False)
+
+        def unpacked(field: torch.Tensor | None) -> torch.Tensor | None:
+            if field is None:
+                return None
+            return field.new_zeros(shape).index_put((rows, columns), field[packed_rows, packed_columns])
+
+        for name in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask"):
+            setattr(out, name, unpacked(getattr(out, name)))
+        return out  # its loss is already the same: the same labels, each scored once
+
+    model.forward = forward
+
+
+def _pack_pairs(kwargs: dict[str, Any], labels: torch.Tensor) -> tuple | None:
+    """The packed inputs, TRL's output shape and the index pairs (TRL's row, column) <- (packed row, column)."""
+    input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+    extra = [key for key, value in kwargs.items()
+             if value is not None and key not in ("input_ids", "attention_mask", "use_cache")]
+    if input_ids is None or attention_mask is None or input_ids.ndim != 2 or input_ids.shape[0] % 2 or extra:
+        return None
+    pairs, width = input_ids.shape[0] // 2, input_ids.shape[1]
+    lengths = attention_mask.sum(1).tolist()
+    device = input_ids.device
+    right_padded = torch.arange(width, device=device) < attention_mask.sum(1, keepdim=True)
+    if not torch.equal(attention_mask.bool(), right_padded):
+        return None  # not right-padded
+    labelled = labels != -100
+    rows, packs = [], []
+    for pair in range(pairs):
+        chosen, rejected = pair, pairs + pair
+        starts = [int(labelled[row].int().argmax()) for row in (chosen, rejected)]
+        start = starts[0]
+        if (start < 1 or starts[1] != start or not torch.equal(input_ids[chosen, :start], input_ids[rejected, :start])
+                or any(lengths[row] <= start or int(labelled[row].sum()) != lengths[row] - start
+                       for row in (chosen, rejected))):
+            return None  # prompts differ, an answer is empty, or labels are not the answer's tokens
+        ids_c, ids_r = input_ids[chosen, :lengths[chosen]], input_ids[rejected, start:lengths[rejected]]
+        rows.append((chosen, rejected, start, lengths[chosen], lengths[rejected]))
+        packs.append((torch.cat([ids_c, ids_c[start - 1:start], ids_r]),
+                      list(range(lengths[chosen])) + list(range(start - 1, lengths[rejected]))))
+    total = max(len(ids) for ids, _ in packs)
+    ids = input_ids.new_zeros((pairs, total))
+    positions = input_ids.new_zeros((pairs, total))
+    shift_labels = torch.full((pairs, total), -100, dtype=labels.dtype, device=device)
+    mask = torch.zeros((pairs, 1, total, total), dtype=torch.bool, device=device)
+    index: list[list[int]] = [[], [], [], []]  # TRL row, TRL column, packed row, packed column
+    for pair, ((chosen, rejected, start, end_c, end_r), (pack_ids, pack_positions)) in enumerate(zip(rows, packs)):
+        size, dup = len(pack_ids), end_c  # `dup`: the prompt's last token again, where the rejected branch starts
+        ids[pair, :size] = pack_ids
+        positions[pair, :size] = torch.tensor(pack_positions, device=device)
+        causal = torch.ones((size, size), dtype=torch.bool, device=device).tril()
+        causal[dup:, start - 1:dup] = False  # the rejected branch sees neither the chosen answer...
+        mask[pair, 0, :size, :size] = causal  # ...nor the prompt's last token (p' is in its place)
+        mask[pair, 0, size:, 0] = True  # padding rows attend somewhere (their outputs are never read)
+        # TRL's column t scores token t + 1 of its row: the chosen answer from the prompt's last token on, then
+        # the rejected answer from p'.
+        for column in range(start - 1, end_c - 1):
+            index[0].append(chosen), index[1].append(column), index[2].append(pair), index[3].append(column)
+        for column in range(start - 1, end_r - 1):
+            packed_column = dup + column - (start - 1)
+            index[0].append(rejected), index[1].append(column), index[2].append(pair), index[3].append(packed_column)
+        shift_labels[pair, :end_c - 1] = labels[chosen, 1:end_c]
+        shift_labels[pair, dup:dup + end_r - start] = labels[rejected, start:end_r]
+    rows_t, columns_t, packed_rows, packed_columns = (torch.tensor(i, device=device) for i in index)
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "shift_labels": shift_labels}
+    return inputs, (2 * pairs, width - 1), (rows_t, columns_t), (packed_rows, packed_columns)

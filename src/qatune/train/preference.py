@@ -18,7 +18,8 @@ Fast paths: padding-free rows, qatune's chunked loss and lean dropout do not app
 batch (its padding-free mode is off since its DPO refactor), computes dpo/kto log-probabilities with its own
 chunked ("fused") LM head (orpo/simpo: full logits), and turns dropout off. On a CPU that head scores the
 answer positions only, in narrower vocabulary tiles (`compat.trl.labelled_positions_only`: TRL scores every
-position there). Length-grouped batches, the mixed-precision cast removal and the CPU kernel cache apply as
+position there). dpo runs each pair as one row, the prompt once for both answers (`compat.trl.run_prompts_once`;
+TRL runs it once per answer, in the policy and in the reference pass). Length-grouped batches, the mixed-precision cast removal and the CPU kernel cache apply as
 in SFT.
 
 TRL 1.x needs Python 3.11; on 3.10 these stages are refused in the plan, before anything is loaded.
@@ -90,6 +91,10 @@ class PreferenceStage(TrainingStage):
                                 eval_dataset=inputs.eval_set, processing_class=tokenizer, callbacks=inputs.callbacks)
         if adapter and "ref" in getattr(model, "peft_config", {}):
             model.delete_adapter("ref")  # a copy of the new adapter: the adapter switched off is the same reference
+        if self.name == "dpo":  # its batches are pairs: each prompt is run once for both answers
+            from qatune.compat.trl import run_prompts_once
+
+            run_prompts_once(model.get_base_model() if hasattr(model, "get_base_model") else model)
         if config.method.name == "qlora":
             # TRL casts QLoRA adapters to bf16 (the paper's choice); qatune keeps adapter weights fp32 as in sft
             # (bf16 updates round away small steps, and a CPU without native bf16 emulates it ~100x slower).
@@ -100,8 +105,9 @@ class PreferenceStage(TrainingStage):
                      else "log-probabilities precomputed before training")
         fast = FastPaths(collator=None, loss=None, padding_free_on=None, lean_dropout=False,
                          mixed_precision=inputs.dtype != torch.float32,
-                         summary=f"Fast paths: padded batches ({self.name}: TRL's collator); reference model: "
-                                 f"{reference}")
+                         summary=f"Fast paths: padded batches ({self.name}: TRL's collator"
+                                 f"{'; each prompt run once for both answers' if self.name == 'dpo' else ''}); "
+                                 f"reference model: {reference}")
         return trainer, fast
 
     def report(self, log_history: list[dict[str, Any]]) -> dict[str, Any]:
