@@ -1,5 +1,6 @@
-"""`qatune tune`: a 3-trial Optuna study on the tiny model completes, resumes after a stop (a trial left
-running by a killed process is run again with its parameters), and writes a best config that loads."""
+"""`qatune tune`: a 3-trial Optuna study on the tiny model starts from the config's own values, completes,
+resumes after a stop (a trial left running by a killed process is run again with its parameters), and writes a
+best config that loads."""
 
 from __future__ import annotations
 
@@ -24,8 +25,13 @@ def test_study_completes_resumes_after_a_kill_and_writes_the_best_config(tmp_pat
     import optuna
     from optuna.trial import TrialState
 
-    first = tune(search(tmp_path, tiny_model_dir, qa_file, "tune.trials=2"))
+    first = tune(search(tmp_path, tiny_model_dir, qa_file, "tune.trials=2", "method.lora_rank=8",
+                        "method.lora_alpha=16", "train.num_epochs=1"))
     assert first.ran == 2 and not first.interrupted
+    baseline = first.summary["trials"][0]  # the config's own values come first
+    assert baseline["baseline"] == "the config's own values"
+    assert {k: baseline["params"][k] for k in ("learning_rate", "lora_rank", "lora_alpha", "num_epochs")} == {
+        "learning_rate": 1e-3, "lora_rank": 8, "lora_alpha": 16, "num_epochs": 1}
 
     # A process killed mid-trial leaves the trial RUNNING in the database, its parameters drawn.
     config = search(tmp_path, tiny_model_dir, qa_file, "tune.trials=3")

@@ -1,7 +1,8 @@
 """Hyper-parameter search: `tune(config, runtime) -> TuneResult`, an Optuna study of training runs.
 
 Each trial is a `train()` run in its own folder (tune.output_dir/trial-N) with the trial's learning
-rate, LoRA rank and alpha, epochs and warm-up; its value is the run's best eval loss. Every evaluation
+rate, LoRA rank and alpha, epochs and warm-up; its value is the run's best eval loss. A new study's
+trial 0 is the config's own values (those inside the search space), the baseline the others must beat. Every evaluation
 is reported to Optuna, and the pruner stops a trial that does worse than earlier ones at the same step.
 The study lives in a database (SQLite by default), so a stopped search resumes: a re-run counts the
 complete and pruned trials and runs only the missing ones. Trials run one after another in one process;
@@ -80,6 +81,10 @@ def setup(plan: TunePlan) -> "optuna.Study":
     study = optuna.create_study(study_name=cfg.study_name, storage=plan.storage, load_if_exists=True,
                                 direction="minimize", sampler=optuna.samplers.TPESampler(seed=cfg.seed),
                                 pruner=pruner)
+    if not study.get_trials(deepcopy=False):
+        # A new study's first trial is the config as written (where it lies inside the search space): a
+        # handful of trials then never ends on something worse than what the user had.
+        study.enqueue_trial(_own_values(plan.config), user_attrs={"baseline": "the config's own values"})
     for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         plan.runtime.console.print(f"trial {stale.number} was left running by a stopped search: marked failed, "
                                    "queued again")
@@ -104,7 +109,8 @@ def run(plan: TunePlan, study: "optuna.Study") -> TuneResult:
         trial = study.ask()
         overrides = _suggest(trial, cfg, config.method.name)
         shown = ", ".join(f"{k.split('.')[-1]}={v:.3g}" for k, v in overrides.items())
-        console.print(f"[bold]trial {trial.number}[/bold]: {shown}")
+        baseline = " (the config's own values)" if "baseline" in trial.user_attrs else ""
+        console.print(f"[bold]trial {trial.number}[/bold]: {shown}{baseline}")
         trial_config = _with(config, {
             **overrides, "train.output_dir": str(out / f"{TRIAL_PREFIX}{trial.number}"),
             "train.overwrite_output_dir": True, "train.resume": False,
@@ -175,6 +181,23 @@ def _suggest(trial: "optuna.Trial", cfg: TuneConfig, method: str) -> dict[str, A
             values["method.lora_rank"] = trial.suggest_categorical("lora_rank", cfg.lora_rank)
         if cfg.lora_alpha:
             values["method.lora_alpha"] = trial.suggest_categorical("lora_alpha", cfg.lora_alpha)
+    return values
+
+
+def _own_values(config: QatuneConfig) -> dict[str, Any]:
+    """The config's values of the searched parameters that lie inside the search space (the sampler draws the rest)."""
+    cfg, train, method = config.tune, config.train, config.method
+    values: dict[str, Any] = {}
+    for name, value, space in (("learning_rate", train.learning_rate, cfg.learning_rate),
+                               ("num_epochs", train.num_epochs, cfg.num_epochs),
+                               ("warmup_ratio", train.warmup_ratio, cfg.warmup_ratio)):
+        if space and space[0] <= value <= space[1] and (name != "num_epochs" or float(value).is_integer()):
+            values[name] = int(value) if name == "num_epochs" else value
+    if method.name in ("lora", "qlora"):
+        for name, value, choices in (("lora_rank", method.lora_rank, cfg.lora_rank),
+                                     ("lora_alpha", method.lora_alpha, cfg.lora_alpha)):
+            if choices and value in choices:
+                values[name] = value
     return values
 
 
