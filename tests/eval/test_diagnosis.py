@@ -47,6 +47,10 @@ def test_too_few_steps():
     assert diagnosis.too_few_steps(37, 1e-3, "lora") is None
     assert diagnosis.too_few_steps(300, 2e-4, "lora") is None
     assert diagnosis.too_few_steps(37, 2e-5, "full") is None  # full fine-tuning moves every weight
+    # LoRA's update is scaled by alpha / rank: issue 22's tune trial (34 steps at 3.1e-4, alpha = rank) barely moved
+    weak = diagnosis.too_few_steps(34, 3.08e-4, "lora", lora_scale=1.0)
+    assert weak is not None and "alpha/rank 1" in weak.evidence and "lora_alpha = 2 x" in weak.fix
+    assert diagnosis.too_few_steps(34, 3.08e-4, "lora", lora_scale=2.0) is None
 
 
 def test_base_degenerate_names_a_model_that_fits():

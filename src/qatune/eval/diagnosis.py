@@ -21,6 +21,7 @@ MEMORISED_SHARE = 0.10  # >= 10% of the tuned answers near-duplicate a training 
 # Adapter methods: optimizer steps x learning rate under this barely move the adapter. Between the issue's
 # run that changed nothing (37 steps at 2e-4: 0.0074) and the demo's that helped (16 steps at 1e-3: 0.016).
 STEP_BUDGET = 0.01
+DEFAULT_LORA_SCALE = 2.0  # lora_alpha / lora_rank of qatune's defaults (32 / 16): STEP_BUDGET is set at this scale
 DEGENERATE_SHARE = 0.30  # >= 30% of the base model's answers are loops or the question echoed
 MARKUP_SHARE = 0.10  # >= 10% of the tuned answers hold chat-template markup
 RUN_ON_SHARE = 0.50  # >= half the tuned answers use all of max_new_tokens...
@@ -55,6 +56,7 @@ class TrainingEvidence:
     optimizer_steps: int = 0
     learning_rate: float | None = None
     method: str | None = None
+    lora_scale: float | None = None  # lora_alpha / lora_rank: a LoRA update is scaled by it
     train_questions: list[str] = field(default_factory=list)
     train_answers: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what could not be read, so the checks it feeds were skipped
@@ -89,6 +91,8 @@ def read_training_evidence(folder: str | Path) -> TrainingEvidence | None:
                               "leakage checks skipped")
         return evidence
     evidence.learning_rate = config.train.learning_rate
+    if config.method.name in ("lora", "qlora"):
+        evidence.lora_scale = config.method.lora_alpha / config.method.lora_rank
     try:
         train = load_prepared(config.data.output_dir).train
     except QatuneError as exc:
@@ -167,19 +171,25 @@ def memorised_answers(tuned_rows: list[dict[str, Any]], train_answers: list[str]
                    "(data.clean.near_dedup drops repeated ones)")
 
 
-def too_few_steps(optimizer_steps: int, learning_rate: float | None, method: str | None) -> Finding | None:
-    """An adapter trained for few optimizer steps at a low learning rate: it barely moved."""
+def too_few_steps(optimizer_steps: int, learning_rate: float | None, method: str | None,
+                  lora_scale: float | None = None) -> Finding | None:
+    """An adapter trained for few optimizer steps at a low learning rate (for LoRA: scaled by alpha / rank, as its
+    update is): it barely moved."""
     if method not in ADAPTER_METHODS or not learning_rate or optimizer_steps <= 0:
         return None
-    budget = optimizer_steps * learning_rate
+    scale = (lora_scale or DEFAULT_LORA_SCALE) / DEFAULT_LORA_SCALE
+    budget = optimizer_steps * learning_rate * scale
     if budget >= STEP_BUDGET:
         return None
+    scaled = (f" x LoRA alpha/rank {lora_scale:g} over the default {DEFAULT_LORA_SCALE:g}"
+              if lora_scale and scale != 1 else "")
     return Finding("too_few_steps", "Too few optimizer steps for the learning rate",
-                   f"{optimizer_steps} optimizer steps at learning rate {learning_rate:g} (steps x rate = {budget:.4f}, "
-                   f"under {STEP_BUDGET:g}): the {method} adapter barely moved from the base",
-                   f"raise train.learning_rate (1e-3 is the demo's for LoRA on a small model) or train more steps: "
-                   f"more epochs, or a smaller effective batch (per_device_batch_size x gradient_accumulation_steps); "
-                   f"about {int(STEP_BUDGET / learning_rate) + 1} steps at {learning_rate:g}")
+                   f"{optimizer_steps} optimizer steps at learning rate {learning_rate:g} (steps x rate{scaled} = "
+                   f"{budget:.4f}, under {STEP_BUDGET:g}): the {method} adapter barely moved from the base",
+                   f"raise train.learning_rate (1e-3 is the measured default for LoRA on a small model) or train more "
+                   f"steps: more epochs, or a smaller effective batch (per_device_batch_size x "
+                   f"gradient_accumulation_steps); about {int(STEP_BUDGET / (learning_rate * scale)) + 1} steps at "
+                   f"{learning_rate:g}" + ("; or method.lora_alpha = 2 x method.lora_rank" if scale < 1 else ""))
 
 
 def set_language(rows: list[dict[str, Any]]) -> str:
@@ -266,7 +276,7 @@ def diagnose(predictions: dict[str, list[dict[str, Any]]], evidence: TrainingEvi
         notes += evidence.notes
         found += [loss_still_falling(evidence.train_loss, evidence.eval_loss),
                   overfitting(evidence.train_loss, evidence.eval_loss),
-                  too_few_steps(evidence.optimizer_steps, evidence.learning_rate, evidence.method),
+                  too_few_steps(evidence.optimizer_steps, evidence.learning_rate, evidence.method, evidence.lora_scale),
                   memorised_answers(tuned, evidence.train_answers),
                   eval_leakage([r["question"] for r in base if "prediction" in r or "correct" in r],
                                evidence.train_questions)]
