@@ -79,12 +79,17 @@ def test_evenly_spaced_layers_keep_the_first_and_the_last() -> None:
 
 @pytest.mark.slow
 def test_distilling_lowers_the_divergence_to_the_teacher_faster_than_cross_entropy(
-        tmp_path, tiny_model_dir, qa_file) -> None:
+        tmp_path, tiny_model_dir, qa_file, monkeypatch) -> None:
     from qatune.data.prepare import load_prepared
+    from qatune.train import distill
 
     teacher = load_model(ModelConfig(name_or_path=str(tiny_model_dir)), dtype=torch.float32)
     divergences = {}
     for alpha in (0.0, 1.0):  # alpha 0: cross-entropy alone, same student, data and steps
+        if alpha == 0:  # ...which loads no teacher
+            monkeypatch.setattr(distill, "load_teacher", lambda *args: pytest.fail("alpha 0 loaded the teacher"))
+        else:
+            monkeypatch.undo()
         config = tiny_config(tmp_path / f"alpha{alpha}", tiny_model_dir, qa_file, "train.stage=distill",
                              "distill.student_layers=2", f"distill.alpha={alpha}", "distill.temperature=1",
                              "method.name=full", "train.max_steps=10", "train.learning_rate=3e-3",

@@ -89,12 +89,12 @@ class DistillationLoss:
     (`read_teacher`), so the teacher sees exactly the student's rows; without them (evaluation) it is the
     cross-entropy on the reference answers alone."""
 
-    def __init__(self, output_layer: torch.nn.Linear, teacher: "PreTrainedModel", cfg: DistillConfig,
+    def __init__(self, output_layer: torch.nn.Linear, teacher: "PreTrainedModel | None", cfg: DistillConfig,
                  compute_dtype: torch.dtype, chunk_tokens: int | None = None) -> None:
         self.output_layer = output_layer
-        self.teacher = teacher.eval().requires_grad_(False)
-        teacher_layer = plain_output_layer(teacher)
-        if teacher_layer is None:
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None  # None: alpha 0
+        teacher_layer = plain_output_layer(teacher) if teacher is not None else None
+        if teacher is not None and teacher_layer is None:
             raise DistillError(f"the teacher {type(teacher).__name__} reshapes its logits (a bias, a scale or "
                                "soft-capping): the chunked distillation loss needs a plain output layer",
                                hint="choose a LLaMA/Mistral/Qwen-style teacher")
@@ -108,7 +108,7 @@ class DistillationLoss:
 
     def read_teacher(self, inputs: dict[str, Any] | None) -> None:
         """The teacher's last hidden states on `inputs` (the student's batch), for the next call; None: CE only."""
-        if inputs is None or self.cfg.alpha == 0:  # alpha 0 is cross-entropy alone: no teacher pass to pay for
+        if inputs is None or self.teacher is None:  # alpha 0 is cross-entropy alone: no teacher to run
             self.teacher_hidden = None
             return
         self.teacher_hidden = teacher_hidden_states(self.teacher, inputs, self.model_kwargs)
@@ -215,12 +215,14 @@ def load_teacher(config: QatuneConfig, tokenizer: "PreTrainedTokenizerBase", dty
 
 def distillation_loss(config: QatuneConfig, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase",
                       dtype: torch.dtype) -> DistillationLoss:
-    """The loss for the student `model` (as the method wrapped it), with its teacher loaded."""
+    """The loss for the student `model` (as the method wrapped it), with its teacher loaded (not at alpha 0)."""
     output_layer = plain_output_layer(model)
     if output_layer is None:
         raise DistillError(f"the student {type(model).__name__} reshapes its logits (a bias, a scale or "
                            "soft-capping): the chunked distillation loss needs a plain output layer",
                            hint="choose a LLaMA/Mistral/Qwen-style student")
+    if config.distill.alpha == 0:  # cross-entropy alone: the teacher would only take memory
+        return DistillationLoss(output_layer, None, config.distill, dtype)
     teacher = load_teacher(config, tokenizer, dtype)
     width, teacher_width = output_layer.weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
     if width != teacher_width:

@@ -47,7 +47,8 @@ class DistillStage(TrainingStage):
         cfg = config.distill
         student = f"{config.distill.student_layers} layers of the model" if cfg.student_layers else "the model"
         fast.summary += (f"; distilling {cfg.teacher or config.model.name_or_path} into {student} "
-                         f"({cfg.divergence}, alpha {cfg.alpha}, temperature {cfg.temperature})")
+                         f"({cfg.divergence}, alpha {cfg.alpha}, temperature {cfg.temperature})" if cfg.alpha
+                         else f"; {student}, cross-entropy alone (distill.alpha 0: no teacher loaded)")
         return trainer, fast
 
 
