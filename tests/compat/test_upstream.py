@@ -315,6 +315,36 @@ def test_dpo_pairs_run_their_prompt_once_with_the_scores_of_separate_rows(tiny_m
     assert [tuple(call["input_ids"].shape) for call in calls] == [(4, 7 + 4)] and "shift_labels" not in calls[0]
 
 
+def test_the_reference_pass_of_a_lora_run_scores_log_probs_alone(tiny_model_dir) -> None:
+    pytest.importorskip("trl")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl.trainer import utils
+
+    from qatune.compat.trl import lean_reference_head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits"))  # as TRL's trainers do
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    lean_reference_head(peft_model.get_base_model())
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    labels = ids.masked_fill(torch.arange(9) < 4, -100)
+
+    def scores() -> Any:
+        return peft_model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, fused_lm_head=True)
+
+    with torch.no_grad():
+        tuned = scores()  # evaluation: adapters on, TRL's metric fields kept
+        with peft_model.disable_adapter():
+            reference = scores()
+    assert tuned.entropy is not None and reference.entropy is None and reference.mean_logits is None
+    assert not torch.allclose(tuned.log_probs, reference.log_probs)  # the adapter was off for the reference
+    with peft_model.disable_adapter():
+        with_grad = scores()  # a pass with gradient is never the reference
+    assert with_grad.entropy is not None
+    torch.testing.assert_close(with_grad.log_probs.detach(), reference.log_probs)
+
+
 @pytest.mark.parametrize("module", ["torch", "transformers", "peft", "datasets", "process", "uvicorn",
                                     "bitsandbytes", "trl"])
 def test_every_compat_module_is_documented(module) -> None:

@@ -19,7 +19,9 @@ batch (its padding-free mode is off since its DPO refactor), computes dpo/kto lo
 chunked ("fused") LM head (orpo/simpo: full logits), and turns dropout off. On a CPU that head scores the
 answer positions only, in narrower vocabulary tiles (`compat.trl.labelled_positions_only`: TRL scores every
 position there). dpo runs each pair as one row, the prompt once for both answers (`compat.trl.run_prompts_once`;
-TRL runs it once per answer, in the policy and in the reference pass). Length-grouped batches, the mixed-precision cast removal and the CPU kernel cache apply as
+TRL runs it once per answer, in the policy and in the reference pass). With an adapter, the dpo/kto reference
+pass scores log-probabilities alone (`compat.trl.lean_reference_head`: TRL's head also computes the metric
+fields the reference pass discards). Length-grouped batches, the mixed-precision cast removal and the CPU kernel cache apply as
 in SFT.
 
 TRL 1.x needs Python 3.11; on 3.10 these stages are refused in the plan, before anything is loaded.
@@ -91,10 +93,15 @@ class PreferenceStage(TrainingStage):
                                 eval_dataset=inputs.eval_set, processing_class=tokenizer, callbacks=inputs.callbacks)
         if adapter and "ref" in getattr(model, "peft_config", {}):
             model.delete_adapter("ref")  # a copy of the new adapter: the adapter switched off is the same reference
+        fused_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # TRL's fused head
+        if adapter and self.name in ("dpo", "kto"):  # the reference pass (adapters off) scores log-probs alone
+            from qatune.compat.trl import lean_reference_head
+
+            lean_reference_head(fused_model)
         if self.name == "dpo":  # its batches are pairs: each prompt is run once for both answers
             from qatune.compat.trl import run_prompts_once
 
-            run_prompts_once(model.get_base_model() if hasattr(model, "get_base_model") else model)
+            run_prompts_once(fused_model)
         if config.method.name == "qlora":
             # TRL casts QLoRA adapters to bf16 (the paper's choice); qatune keeps adapter weights fp32 as in sft
             # (bf16 updates round away small steps, and a CPU without native bf16 emulates it ~100x slower).
