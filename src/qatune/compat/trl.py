@@ -103,9 +103,10 @@ def _pack_pairs(kwargs: dict[str, Any], labels: torch.Tensor) -> tuple | None:
     if input_ids is None or attention_mask is None or input_ids.ndim != 2 or input_ids.shape[0] % 2 or extra:
         return None
     pairs, width = input_ids.shape[0] // 2, input_ids.shape[1]
-    lengths = attention_mask.sum(1).tolist()
     device = input_ids.device
-    right_padded = torch.arange(width, device=device) < attention_mask.sum(1, keepdim=True)
+    row_lengths = attention_mask.sum(1)
+    lengths = row_lengths.tolist()
+    right_padded = torch.arange(width, device=device) < row_lengths[:, None]
     if not torch.equal(attention_mask.bool(), right_padded):
         return None  # not right-padded
     labelled = labels != -100

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 from qatune.config import DataConfig, SourceConfig
@@ -73,9 +74,7 @@ def read_source(source: SourceConfig, data: DataConfig, log: DropLog, stats: Sou
     for path in data_files(source.path, plain_text=source.format == "text"):
         stats.files.append(str(path))
         fmt = None
-        for taken, raw in enumerate(read_records(path, data.encoding, data.max_record_bytes)):
-            if source.max_records is not None and taken >= source.max_records:
-                break
+        for raw in islice(read_records(path, data.encoding, data.max_record_bytes), source.max_records):
             stats.read += 1
             if fmt is None and raw.data is not None:
                 # Decided once per file from its first readable record; a file whose shape fits no

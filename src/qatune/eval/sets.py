@@ -16,6 +16,7 @@ tokenization reads them, where it would be markup. So once the tokenizer is know
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from qatune.config import SourceConfig
@@ -96,9 +97,8 @@ def load_eval_set(source: SourceConfig, role: str = "domain", max_items: int | N
     out = EvalSet(name, role)
     for path in data_files(source.path):
         fmt = None
-        for taken, raw in enumerate(read_records(path, encoding)):
-            if (max_items is not None and len(out) >= max_items) or \
-                    (source.max_records is not None and taken >= source.max_records):  # as the data stage reads
+        for raw in islice(read_records(path, encoding), source.max_records):  # as the data stage reads
+            if max_items is not None and len(out) >= max_items:
                 break
             item_id = f"{path.name}:{raw.location.line}"
             if raw.error is not None:

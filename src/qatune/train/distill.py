@@ -92,13 +92,14 @@ class DistillationLoss:
     def __init__(self, output_layer: torch.nn.Linear, teacher: "PreTrainedModel | None", cfg: DistillConfig,
                  compute_dtype: torch.dtype, chunk_tokens: int | None = None) -> None:
         self.output_layer = output_layer
-        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None  # None: alpha 0
-        teacher_layer = plain_output_layer(teacher) if teacher is not None else None
-        if teacher is not None and teacher_layer is None:
-            raise DistillError(f"the teacher {type(teacher).__name__} reshapes its logits (a bias, a scale or "
-                               "soft-capping): the chunked distillation loss needs a plain output layer",
-                               hint="choose a LLaMA/Mistral/Qwen-style teacher")
-        self.teacher_output_layer = teacher_layer
+        self.teacher = self.teacher_output_layer = None  # None: alpha 0, cross-entropy alone
+        if teacher is not None:
+            self.teacher = teacher.eval().requires_grad_(False)
+            self.teacher_output_layer = plain_output_layer(teacher)
+            if self.teacher_output_layer is None:
+                raise DistillError(f"the teacher {type(teacher).__name__} reshapes its logits (a bias, a scale or "
+                                   "soft-capping): the chunked distillation loss needs a plain output layer",
+                                   hint="choose a LLaMA/Mistral/Qwen-style teacher")
         self.cfg = cfg
         self.compute_dtype = compute_dtype
         # two models' chunks (and the divergence's softmaxes) at a time: half the cross-entropy's rows

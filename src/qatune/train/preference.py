@@ -21,8 +21,8 @@ answer positions only, in narrower vocabulary tiles (`compat.trl.labelled_positi
 position there). dpo runs each pair as one row, the prompt once for both answers (`compat.trl.run_prompts_once`;
 TRL runs it once per answer, in the policy and in the reference pass). With an adapter, the dpo/kto reference
 pass scores log-probabilities alone (`compat.trl.lean_reference_head`: TRL's head also computes the metric
-fields the reference pass discards). Length-grouped batches, the mixed-precision cast removal and the CPU kernel cache apply as
-in SFT.
+fields the reference pass discards). Length-grouped batches, the mixed-precision cast removal and the CPU
+kernel cache apply as in SFT.
 
 TRL 1.x needs Python 3.11; on 3.10 these stages are refused in the plan, before anything is loaded.
 """

@@ -2,8 +2,8 @@
 
 Each trial is a `train()` run in its own folder (tune.output_dir/trial-N) with the trial's learning
 rate, LoRA rank and alpha, epochs and warm-up; its value is the run's best eval loss. A new study's
-trial 0 is the config's own values (those inside the search space), the baseline the others must beat. Every evaluation
-is reported to Optuna, and the pruner stops a trial that does worse than earlier ones at the same step.
+trial 0 is the config's own values (those inside the search space), the baseline the others must beat.
+Every evaluation is reported to Optuna, and the pruner stops a trial that does worse than earlier ones at the same step.
 The study lives in a database (SQLite by default), so a stopped search resumes: a re-run counts the
 complete and pruned trials and runs only the missing ones. Trials run one after another in one process;
 a trial still marked running when `tune` starts was left by a stopped run, so it is marked failed and
