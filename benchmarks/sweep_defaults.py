@@ -5,9 +5,10 @@
         --generate-top 1 --decode-tokens 16                # a small smoke run
     python benchmarks/sweep_defaults.py --generate-runs base lr0.001-r16   # only the decoding comparison
 
-1. LoRA on the default model (SmolLM2-135M), one epoch on `--records` of each shared medical train set
+1. LoRA on the default model (SmolLM2-135M), `--epochs` (one) on `--records` of each shared medical train set
    (zh + en), everything else at qatune's defaults, once per `--learning-rates` value at rank 16 / alpha 32;
-   then each `--ranks` value (alpha = 2 x rank) at the learning rate with the lowest eval loss.
+   then each `--ranks` value (alpha = 2 x rank) at `--rank-learning-rate`, by default the learning rate with
+   the lowest eval loss.
 2. Per run: the held-out eval loss per answer token (reference perplexity) on `--eval-records` of each shared
    test set, and the multiple-choice accuracy on `--mcq` of each shared general set.
 3. The base and the `--generate-top` runs with the lowest eval loss answer `--gen-records` test questions of
@@ -51,8 +52,9 @@ def train_run(args: argparse.Namespace, out: Path, learning_rate: float, rank: i
     config = load_config(None, [
         "model=default", f"data.sources={sources}", "data.val_size=0", f"data.max_length={args.max_length}",
         f"data.output_dir={args.out / 'data'}", f"train.output_dir={out}", "train.overwrite_output_dir=true",
-        "method.name=lora", f"method.lora_rank={rank}", f"method.lora_alpha={2 * rank}", "train.num_epochs=1",
-        f"train.learning_rate={learning_rate}", "train.eval_at_start=false", "train.preview_questions=0",
+        "method.name=lora", f"method.lora_rank={rank}", f"method.lora_alpha={2 * rank}",
+        f"train.num_epochs={args.epochs}", f"train.learning_rate={learning_rate}", "train.eval_at_start=false",
+        "train.preview_questions=0",
         "train.report_to=none", "train.save_total_limit=1", f"train.per_device_batch_size={args.batch}",
         f"train.gradient_accumulation_steps={args.accumulation}",
     ])
@@ -127,7 +129,10 @@ def generation_rows(args: argparse.Namespace, model_name: str) -> dict[float, di
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=300, help="train records from each shared train set")
+    parser.add_argument("--epochs", type=float, default=1, help="train.num_epochs of the training runs")
     parser.add_argument("--learning-rates", type=float, nargs="*", default=[1e-4, 2e-4, 5e-4, 1e-3, 2e-3])
+    parser.add_argument("--rank-learning-rate", type=float,
+                        help="the learning rate of the --ranks runs (default: the best of --learning-rates)")
     parser.add_argument("--ranks", type=int, nargs="*", default=[8, 32],
                         help="LoRA ranks tried at the best learning rate besides 16 (alpha = 2 x rank)")
     parser.add_argument("--max-length", type=int, default=256, help="data.max_length of the training runs")
@@ -154,7 +159,7 @@ def main() -> int:
         print(f"loss {name}: {json.dumps(rows[name])}", flush=True)  # partial results survive a stopped run
 
     def trained(learning_rate: float, rank: int) -> str:
-        name = f"lr{learning_rate:g}-r{rank}"
+        name = f"lr{learning_rate:g}-r{rank}" + (f"-e{args.epochs:g}" if args.epochs != 1 else "")
         folder = args.out / name
         measured(name, str(folder), learning_rate=learning_rate, rank=rank, alpha=2 * rank,
                  **train_run(args, folder, learning_rate, rank))
@@ -176,7 +181,7 @@ def main() -> int:
         best_runs = sorted(runs, key=lambda n: rows[n]["eval_loss"])
         for name in ["base", *best_runs[:args.generate_top]]:
             generated_by(name)
-        best_lr = rows[best_runs[0]]["learning_rate"] if runs else 2e-4
+        best_lr = args.rank_learning_rate or (rows[best_runs[0]]["learning_rate"] if runs else 2e-4)
         runs += [trained(best_lr, rank) for rank in args.ranks if rank != 16]
 
     print(f"{'run':<16}{'lr':>8}{'r/alpha':>9}{'steps':>6}{'zh loss':>9}{'en loss':>9}{'eval loss':>10}"

@@ -167,37 +167,54 @@ def _check(config: QatuneConfig) -> None:
                         hint="use a range below 1, e.g. [0.0, 0.1]")
 
 
+@dataclass(frozen=True)
+class SearchedParameter:
+    name: str  # Optuna's parameter name, also the tune.* field holding its space
+    key: str  # the config key a trial's value overrides
+    kind: str  # "log" (float, log scale), "float", "int" ([low, high]) or "choice" (a list)
+    adapter_only: bool = False  # searched only with an adapter method
+
+
+SEARCHED = (
+    SearchedParameter("learning_rate", "train.learning_rate", "log"),
+    SearchedParameter("num_epochs", "train.num_epochs", "int"),
+    SearchedParameter("warmup_ratio", "train.warmup_ratio", "float"),
+    SearchedParameter("lora_rank", "method.lora_rank", "choice", adapter_only=True),
+    SearchedParameter("lora_alpha", "method.lora_alpha", "choice", adapter_only=True),
+)
+
+
+def _search_space(cfg: TuneConfig, method: str) -> list[tuple[SearchedParameter, Any]]:
+    """The parameters this study searches, each with its space (a null space keeps the config's value)."""
+    return [(parameter, getattr(cfg, parameter.name)) for parameter in SEARCHED
+            if getattr(cfg, parameter.name) and (method in ("lora", "qlora") or not parameter.adapter_only)]
+
+
 def _suggest(trial: "optuna.Trial", cfg: TuneConfig, method: str) -> dict[str, Any]:
     """This trial's values, keyed by the config key they override."""
     values: dict[str, Any] = {}
-    if cfg.learning_rate:
-        values["train.learning_rate"] = trial.suggest_float("learning_rate", *cfg.learning_rate, log=True)
-    if cfg.num_epochs:
-        values["train.num_epochs"] = trial.suggest_int("num_epochs", *cfg.num_epochs)
-    if cfg.warmup_ratio:
-        values["train.warmup_ratio"] = trial.suggest_float("warmup_ratio", *cfg.warmup_ratio)
-    if method in ("lora", "qlora"):
-        if cfg.lora_rank:
-            values["method.lora_rank"] = trial.suggest_categorical("lora_rank", cfg.lora_rank)
-        if cfg.lora_alpha:
-            values["method.lora_alpha"] = trial.suggest_categorical("lora_alpha", cfg.lora_alpha)
+    for parameter, space in _search_space(cfg, method):
+        if parameter.kind == "choice":
+            values[parameter.key] = trial.suggest_categorical(parameter.name, space)
+        elif parameter.kind == "int":
+            values[parameter.key] = trial.suggest_int(parameter.name, *space)
+        else:
+            values[parameter.key] = trial.suggest_float(parameter.name, *space, log=parameter.kind == "log")
     return values
 
 
 def _own_values(config: QatuneConfig) -> dict[str, Any]:
     """The config's values of the searched parameters that lie inside the search space (the sampler draws the rest)."""
-    cfg, train, method = config.tune, config.train, config.method
     values: dict[str, Any] = {}
-    for name, value, space in (("learning_rate", train.learning_rate, cfg.learning_rate),
-                               ("num_epochs", train.num_epochs, cfg.num_epochs),
-                               ("warmup_ratio", train.warmup_ratio, cfg.warmup_ratio)):
-        if space and space[0] <= value <= space[1] and (name != "num_epochs" or float(value).is_integer()):
-            values[name] = int(value) if name == "num_epochs" else value
-    if method.name in ("lora", "qlora"):
-        for name, value, choices in (("lora_rank", method.lora_rank, cfg.lora_rank),
-                                     ("lora_alpha", method.lora_alpha, cfg.lora_alpha)):
-            if choices and value in choices:
-                values[name] = value
+    for parameter, space in _search_space(config.tune, config.method.name):
+        section, field = parameter.key.split(".")
+        value = getattr(getattr(config, section), field)
+        if parameter.kind == "choice":
+            inside = value in space
+        else:
+            inside = space[0] <= value <= space[1] and (parameter.kind != "int" or float(value).is_integer())
+        if inside:
+            values[parameter.name] = int(value) if parameter.kind == "int" else value
     return values
 
 
