@@ -43,7 +43,7 @@ def test_memorised_answers():
 
 def test_too_few_steps():
     found = diagnosis.too_few_steps(37, 2e-4, "lora")
-    assert found is not None and "37 optimizer steps" in found.evidence and "1e-3" in found.fix
+    assert found is not None and "37 optimizer steps" in found.evidence and "2e-3 is the measured default" in found.fix
     assert diagnosis.too_few_steps(37, 1e-3, "lora") is None
     assert diagnosis.too_few_steps(300, 2e-4, "lora") is None
     assert diagnosis.too_few_steps(37, 2e-5, "full") is None  # full fine-tuning moves every weight

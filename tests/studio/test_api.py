@@ -108,7 +108,7 @@ def test_form_is_the_schema_and_speaks_the_loaders_words(tmp_path, start_studio)
     with httpx.Client(base_url=studio.url) as client:
         schema = client.get("/api/schema").json()
         fields = {f["key"]: f for f in schema["fields"]}
-        assert fields["train.learning_rate"]["default"] == "0.001"
+        assert fields["train.learning_rate"]["default"] == "0.002"
         assert fields["method.name"]["kind"] == "choice" and "qlora" in fields["method.name"]["choices"]
         assert fields["method.target_modules"]["default"] == "[q_proj, k_proj, v_proj, o_proj]"
         assert all(f["description"] for f in schema["fields"])

@@ -26,7 +26,7 @@ PICKED = {"data.sources", "data.eval_sources", "data.general_sources", "data.out
 
 PRESETS: dict[str, dict[str, Any]] = {
     "LoRA on the default model": {"model.name_or_path": "default", "method.name": "lora",
-                                  "train.learning_rate": 1e-3, "train.num_epochs": 1},
+                                  "train.num_epochs": 1},
     "QLoRA 7B on a GPU": {"model.name_or_path": "Qwen/Qwen2.5-7B-Instruct", "method.name": "qlora",
                           "method.target_modules": "all-linear", "method.lora_dropout": 0.05,
                           "train.gradient_checkpointing": True, "train.per_device_batch_size": 4,
