@@ -67,7 +67,14 @@ class Road:
         self.clicks += 2  # the button, then the file in the dialog
 
     def until(self, script: str, timeout: float = 120) -> None:
-        self.page.wait_for_function(script, timeout=timeout * 1000)
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+        try:
+            self.page.wait_for_function(script, timeout=timeout * 1000)
+        except PlaywrightTimeout:  # say what the page showed: a run that failed, or one still going
+            shown = self.page.evaluate("(document.getElementById('progress-state')?.dataset.state || '') + '\\n' + "
+                                       "(document.getElementById('log')?.textContent || '')")
+            raise AssertionError(f"waited {timeout} s for {script}; the page shows:\n{shown}") from None
 
     def shot(self, name: str, top: bool = True) -> None:
         print(f"{name}: {time.perf_counter() - self.started:.1f} s", flush=True)
@@ -141,7 +148,8 @@ def test_the_whole_road_in_chromium(tmp_path, tiny_model_dir, browser, start_stu
     assert 1 <= stopped_at < STEPS
     road.shot("train-stopped")
     road.click("#resume")
-    road.until("document.getElementById('progress-state').dataset.state === 'complete'")
+    # the resumed run restarts a process and reloads the model: minutes on a loaded 2-core machine
+    road.until("document.getElementById('progress-state').dataset.state === 'complete'", timeout=300)
     assert page.get_attribute("#chart", "data-train-points") == str(STEPS)
     assert int(page.get_attribute("#chart", "data-eval-points")) >= 2
     report = json.loads((workspace / "runs/road/train_report.json").read_text())
