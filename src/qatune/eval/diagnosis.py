@@ -15,6 +15,7 @@ from typing import Any
 
 from qatune.config.train import TrainConfig
 from qatune.eval.metrics import is_chinese
+from qatune.train.learning_rate_advice import rate
 
 STILL_FALLING = 0.05  # train loss fell >= 5% between the last two quarters of the run
 OVERFIT_RISE = 0.02  # final eval loss >= 2% above its best, while train loss kept falling
@@ -22,8 +23,7 @@ MEMORISED_SHARE = 0.10  # >= 10% of the tuned answers near-duplicate a training 
 # Adapter methods: optimizer steps x learning rate under this barely move the adapter. Between the issue's
 # run that changed nothing (37 steps at 2e-4: 0.0074) and the demo's that helped (16 steps at 1e-3: 0.016).
 STEP_BUDGET = 0.01
-# train.learning_rate's default, measured for LoRA on the default model, as configs write it (2e-3)
-DEFAULT_LEARNING_RATE = f"{TrainConfig.model_fields['learning_rate'].default:.0e}".replace("e-0", "e-")
+DEFAULT_LEARNING_RATE = TrainConfig.model_fields["learning_rate"].default  # measured for LoRA on the default model
 DEFAULT_LORA_SCALE = 2.0  # lora_alpha / lora_rank of qatune's defaults (32 / 16): STEP_BUDGET is set at this scale
 DEGENERATE_SHARE = 0.30  # >= 30% of the base model's answers are loops or the question echoed
 MARKUP_SHARE = 0.10  # >= 10% of the tuned answers hold chat-template markup
@@ -189,10 +189,9 @@ def too_few_steps(optimizer_steps: int, learning_rate: float | None, method: str
     return Finding("too_few_steps", "Too few optimizer steps for the learning rate",
                    f"{optimizer_steps} optimizer steps at learning rate {learning_rate:g} (steps x rate{scaled} = "
                    f"{budget:.4f}, under {STEP_BUDGET:g}): the {method} adapter barely moved from the base",
-                   f"raise train.learning_rate ({DEFAULT_LEARNING_RATE} is the measured default for LoRA on a small model) "
-                   f"or train more "
-                   f"steps: more epochs, or a smaller effective batch (per_device_batch_size x "
-                   f"gradient_accumulation_steps); about {int(STEP_BUDGET / (learning_rate * scale)) + 1} steps at "
+                   f"raise train.learning_rate ({rate(DEFAULT_LEARNING_RATE)} is the measured default for LoRA on a "
+                   "small model) or train more steps: more epochs, or a smaller effective batch "
+                   f"(per_device_batch_size x gradient_accumulation_steps); about {int(STEP_BUDGET / (learning_rate * scale)) + 1} steps at "
                    f"{learning_rate:g}" + ("; or method.lora_alpha = 2 x method.lora_rank" if scale < 1 else ""))
 
 
