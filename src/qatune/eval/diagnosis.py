@@ -16,6 +16,7 @@ from typing import Any
 from qatune.config.train import TrainConfig
 from qatune.eval.metrics import is_chinese
 from qatune.train.learning_rate_advice import rate
+from qatune.train.methods import ADAPTER_METHODS, LORA_METHODS
 
 STILL_FALLING = 0.05  # train loss fell >= 5% between the last two quarters of the run
 OVERFIT_RISE = 0.02  # final eval loss >= 2% above its best, while train loss kept falling
@@ -29,7 +30,6 @@ DEGENERATE_SHARE = 0.30  # >= 30% of the base model's answers are loops or the q
 MARKUP_SHARE = 0.10  # >= 10% of the tuned answers hold chat-template markup
 RUN_ON_SHARE = 0.50  # >= half the tuned answers use all of max_new_tokens...
 RUN_ON_MORE = 0.20  # ...and 20 points more of them than the base model's
-ADAPTER_METHODS = ("lora", "qlora", "prefix")
 MARKUP = ("<|im_start|>", "<|im_end|>", "<|assistant|>", "<|user|>", "<|endoftext|>", "### Response", "### Instruction",
           "\nassistant\n", "\nuser\n", "Human:", "Assistant:", "[INST]", "</s>")
 # Model families that answer Chinese and English well at sizes a single GPU fine-tunes (why: the
@@ -94,7 +94,7 @@ def read_training_evidence(folder: str | Path) -> TrainingEvidence | None:
                               "leakage checks skipped")
         return evidence
     evidence.learning_rate = config.train.learning_rate
-    if config.method.name in ("lora", "qlora"):
+    if config.method.name in LORA_METHODS:
         evidence.lora_scale = config.method.lora_alpha / config.method.lora_rank
     try:
         train = load_prepared(config.data.output_dir).train

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
-ADAPTER_METHODS = ("lora", "qlora", "prefix")
+LORA_METHODS = ("lora", "qlora")  # low-rank adapters (rank, alpha, target modules)
+ADAPTER_METHODS = (*LORA_METHODS, "prefix")  # the base stays frozen: a run saves an adapter
 
 
 class MethodError(QatuneError):
@@ -107,7 +108,7 @@ def apply_method(model: "PreTrainedModel", method: MethodConfig, gradient_checkp
     with warnings.catch_warnings():
         # peft asks transformers a deprecated question on every wrap; the user can do nothing about it.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        if method.name in ("lora", "qlora"):
+        if method.name in LORA_METHODS:
             return _lora(model, method, gradient_checkpointing)
         if method.name == "prefix":
             return _prefix(model, method)

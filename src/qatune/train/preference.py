@@ -35,6 +35,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from qatune.train.checkpoints import TrainError
+from qatune.train.methods import LORA_METHODS
 from qatune.train.stages import TrainerInputs, TrainingStage
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ class PreferenceStage(TrainingStage):
         config, model, tokenizer = inputs.config, inputs.model, inputs.tokenizer
         tokenizer.chat_template = inputs.template.source  # TRL renders the rows with the tokenizer's own template
         trainer_class, arguments_class = _trl_classes(self.name)
-        adapter = config.method.name in ("lora", "qlora")
+        adapter = config.method.name in LORA_METHODS
         args = training_arguments(
             config, inputs.precision, inputs.runtime, len(inputs.train_set), inputs.eval_set is not None,
             getattr(model, "_no_split_modules", None) or [], arguments_class=arguments_class,

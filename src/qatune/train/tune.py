@@ -24,6 +24,7 @@ from qatune.config import QatuneConfig, TuneConfig
 from qatune.config.root import mask_url_password
 from qatune.errors import QatuneError
 from qatune.recipe import execute
+from qatune.train.methods import LORA_METHODS
 
 if TYPE_CHECKING:
     import optuna
@@ -172,22 +173,22 @@ class SearchedParameter:
     name: str  # Optuna's parameter name, also the tune.* field holding its space
     key: str  # the config key a trial's value overrides
     kind: str  # "log" (float, log scale), "float", "int" ([low, high]) or "choice" (a list)
-    adapter_only: bool = False  # searched only with an adapter method
+    lora_only: bool = False  # searched only with method lora or qlora
 
 
 SEARCHED = (
     SearchedParameter("learning_rate", "train.learning_rate", "log"),
     SearchedParameter("num_epochs", "train.num_epochs", "int"),
     SearchedParameter("warmup_ratio", "train.warmup_ratio", "float"),
-    SearchedParameter("lora_rank", "method.lora_rank", "choice", adapter_only=True),
-    SearchedParameter("lora_alpha", "method.lora_alpha", "choice", adapter_only=True),
+    SearchedParameter("lora_rank", "method.lora_rank", "choice", lora_only=True),
+    SearchedParameter("lora_alpha", "method.lora_alpha", "choice", lora_only=True),
 )
 
 
 def _search_space(cfg: TuneConfig, method: str) -> list[tuple[SearchedParameter, Any]]:
     """The parameters this study searches, each with its space (a null space keeps the config's value)."""
     return [(parameter, getattr(cfg, parameter.name)) for parameter in SEARCHED
-            if getattr(cfg, parameter.name) and (method in ("lora", "qlora") or not parameter.adapter_only)]
+            if getattr(cfg, parameter.name) and (method in LORA_METHODS or not parameter.lora_only)]
 
 
 def _suggest(trial: "optuna.Trial", cfg: TuneConfig, method: str) -> dict[str, Any]:
