@@ -61,7 +61,6 @@ def test_the_small_model_rate_on_a_7b_and_the_7b_rate_on_a_small_model_are_said(
 
 def test_rates_that_fit_the_size_stay_quiet() -> None:
     assert learning_rate_warning("lora", "sft", 2e-4, LLAMA2_7B) is None
-    assert learning_rate_warning("qlora", "pt", 1e-4, 33_000_000_000) is None
     assert learning_rate_warning("full", "sft", 1e-5, LLAMA2_7B) is None
     small = suggested_learning_rate("lora", SMOLLM2_135M)
     assert small is not None and small.learning_rate == DEFAULT_LEARNING_RATE  # the measured default
@@ -69,6 +68,7 @@ def test_rates_that_fit_the_size_stay_quiet() -> None:
     # Stages and methods with customs of their own, and a size not known here, are not judged.
     assert learning_rate_warning("full", "dpo", 5e-7, LLAMA2_7B) is None  # Zephyr's: low, and said by no one
     assert learning_rate_warning("lora", "distill", 1.0, LLAMA2_7B) is None
+    assert learning_rate_warning("lora", "pt", 5e-4, SMOLLM2_135M) is None  # examples/multistage/1_pt.yaml's
     assert learning_rate_warning("prefix", "sft", 1e-2, LLAMA2_7B) is None
     assert learning_rate_warning("lora", "sft", 1.0, None) is None
 

@@ -11,8 +11,8 @@ benchmarks/sweep_defaults.py). Larger models want less; the values cited for the
 
 Preference training (dpo, kto, orpo, simpo) wants far less than SFT whatever the size: 5e-5 with LoRA, 5e-6
 full (LLaMA-Factory's and TRL's DPO examples use 5e-6 to 5e-5; Zephyr's full DPO 5e-7), so only a rate above
-that is said (the SFT default left in place would wreck the model). Distillation has its own customs, and prefix
-tuning none we measured or cite.
+that is said (the SFT default left in place would wreck the model). Continued pre-training (pt) and distillation
+have customs of their own, and prefix tuning none we measured or cite: their rates are not judged.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qatune.config.train import TrainConfig
+from qatune.train.methods import LORA_METHODS
 
 if TYPE_CHECKING:
     from qatune.config import QatuneConfig
@@ -28,9 +29,8 @@ if TYPE_CHECKING:
 BILLION = 1_000_000_000
 LARGE_MODEL = 20 * BILLION  # between QLoRA's 13B (2e-4) and 33B (1e-4)
 SPREAD = 2.5  # a learning rate within 2.5x of the suggested one is the same choice (one sweep step: 2e-4 -> 5e-4)
-CHECKED_STAGES = ("sft", "pt")
+CHECKED_STAGES = ("sft",)  # the measured and cited values are SFT values
 PREFERENCE_STAGES = ("dpo", "kto", "orpo", "simpo")
-ADAPTER_METHODS = ("lora", "qlora")
 FULL_METHODS = ("full", "freeze")
 
 
@@ -53,7 +53,7 @@ def rate(value: float) -> str:
 
 def suggested_learning_rate(method: str, parameters: int) -> Suggestion | None:
     """The learning rate measured or cited for `method` on a model of `parameters`; None where there is none."""
-    if method in ADAPTER_METHODS:
+    if method in LORA_METHODS:
         if parameters < BILLION:
             return Suggestion(TrainConfig.model_fields["learning_rate"].default,
                               "measured best for LoRA on SmolLM2-135M (benchmarks/sweep_defaults.py)")
@@ -69,7 +69,7 @@ def suggested_learning_rate(method: str, parameters: int) -> Suggestion | None:
 
 def preference_learning_rate(method: str) -> Suggestion | None:
     """The usual rate of preference training with `method`; None where there is none."""
-    if method in ADAPTER_METHODS:
+    if method in LORA_METHODS:
         return Suggestion(5e-5, "the usual rate for preference training with LoRA (DPO examples: 5e-6 to 5e-5)")
     if method in FULL_METHODS:
         return Suggestion(5e-6, "the usual rate for full preference training (DPO examples: 5e-7 to 5e-6)")
@@ -106,7 +106,7 @@ def plan_warnings(config: QatuneConfig) -> list[str]:
     from qatune.models import parameter_count
 
     stage, method = config.train.stage, config.method.name
-    if stage not in CHECKED_STAGES + PREFERENCE_STAGES or method not in ADAPTER_METHODS + FULL_METHODS:
+    if stage not in CHECKED_STAGES + PREFERENCE_STAGES or method not in LORA_METHODS + FULL_METHODS:
         return []  # nothing to say: do not read the model's config
     parameters = parameter_count(config.model) if stage in CHECKED_STAGES else None  # preference: size-free
     warning = learning_rate_warning(method, stage, config.train.learning_rate, parameters)
