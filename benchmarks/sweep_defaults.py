@@ -140,7 +140,8 @@ def main() -> int:
     parser.add_argument("--accumulation", type=int, default=8, help="train.gradient_accumulation_steps (default's)")
     parser.add_argument("--eval-records", type=int, default=60, help="held-out records from each test set")
     parser.add_argument("--mcq", type=int, default=100, help="general multiple-choice items from each set")
-    parser.add_argument("--generate-top", type=int, default=1, help="runs with the lowest eval loss that generate")
+    parser.add_argument("--generate-top", type=int, default=1,
+                        help="runs with the lowest eval loss that generate, beside the base (0: no generation)")
     parser.add_argument("--gen-records", type=int, default=40, help="test questions of each language answered")
     parser.add_argument("--penalties", type=float, nargs="+", default=[1.0, 1.1, 1.2])
     parser.add_argument("--decode-tokens", type=int, default=128)
@@ -179,7 +180,7 @@ def main() -> int:
         measured("base", "default")
         runs = [trained(lr, 16) for lr in args.learning_rates]
         best_runs = sorted(runs, key=lambda n: rows[n]["eval_loss"])
-        for name in ["base", *best_runs[:args.generate_top]]:
+        for name in ["base", *best_runs[:args.generate_top]] if args.generate_top else ():
             generated_by(name)
         best_lr = args.rank_learning_rate or (rows[best_runs[0]]["learning_rate"] if runs else 2e-4)
         runs += [trained(best_lr, rank) for rank in args.ranks if rank != 16]
