@@ -7,8 +7,8 @@
 1. The teacher: the default model (SmolLM2-135M, 30 layers) tuned (`--teacher-method`, LoRA by default)
    `--teacher-steps` steps at `--learning-rate` on the shared zh + en medical train sets (`--records` of
    each).
-2. Students cut from the teacher with `distill.student_layers` N (default 15 and 20, evenly spaced, first
-   and last kept), each trained `--student-steps` steps at `--student-learning-rate` on the same data two
+2. Students cut from the teacher with `distill.student_layers` N (default 15 and 20; `--layer-choice`:
+   evenly spaced, first and last kept, or the angular block), each trained `--student-steps` steps at `--student-learning-rate` on the same data two
    ways: (a) cross-entropy only (`distill.alpha=0`), (b) distillation (`--alpha`, forward KL at
    `--temperature`). A pruned student starts far from its teacher, so it gets its own learning rate.
 3. For the base, the teacher and every student, printed as each is done: the eval loss per answer token
@@ -135,6 +135,8 @@ def main() -> int:
     parser.add_argument("--layers", type=int, nargs="+", default=[15, 20])
     parser.add_argument("--kinds", nargs="+", choices=["ce", "distill"], default=["ce", "distill"],
                         help="which students of each size to train")
+    parser.add_argument("--layer-choice", choices=["evenly_spaced", "angular_block"], default="evenly_spaced",
+                        help="distill.student_layer_choice: which layers the students keep")
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--teacher-method", choices=["lora", "full"], default="lora",
@@ -192,13 +194,19 @@ def main() -> int:
                                         args.learning_rate)
         record("teacher")
     alphas = {"ce": 0.0, "distill": args.alpha}
+    choice = "-angular" if args.layer_choice == "angular_block" else ""  # in the students' names
+
+    def student_name(layers: int, kind: str) -> str:
+        return f"{layers}L-{kind}{choice}"
+
     for layers in args.layers:
         for kind in args.kinds:
-            name, alpha = f"{layers}L-{kind}", alphas[kind]
+            name, alpha = student_name(layers, kind), alphas[kind]
             models[name] = str(args.out / name)
             runs[name] = train_run(args, str(teacher), args.out / name, "full", args.student_steps,
                                    args.student_learning_rate, "train.stage=distill", f"distill.student_layers={layers}",
-                                   f"distill.alpha={alpha}", f"distill.temperature={args.temperature}")
+                                   f"distill.student_layer_choice={args.layer_choice}", f"distill.alpha={alpha}",
+                                   f"distill.temperature={args.temperature}")
             record(name)
 
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs, "rows": rows, "decode": speeds}
@@ -214,11 +222,11 @@ def main() -> int:
         print(f"{name:<14}{row['layers']:>7}{row['eval_loss']:>11.4f}{row['kept_gain']:>10.0%} "
               f"{row['mc_accuracy']:>7.1%}{speed:>8.2f}{speed / speeds.get(top['layers'], float('nan')):>10.2f}")
     for layers in args.layers if len(args.kinds) == 2 else []:
-        ce, distilled = rows[f"{layers}L-ce"], rows[f"{layers}L-distill"]
+        ce, distilled = rows[student_name(layers, "ce")], rows[student_name(layers, "distill")]
         print(f"{layers} layers: distill eval loss {distilled['eval_loss']:.4f} vs CE-only {ce['eval_loss']:.4f} "
               f"({'distill better' if distilled['eval_loss'] < ce['eval_loss'] else 'CE-only better'})")
-    if "15L-distill" in rows and "15L-ce" in rows:
-        student, ce = rows["15L-distill"], rows["15L-ce"]
+    if student_name(15, "distill") in rows and student_name(15, "ce") in rows:
+        student, ce = rows[student_name(15, "distill")], rows[student_name(15, "ce")]
         speedup = speeds[15] / speeds[top["layers"]] if speeds else float("nan")
         print(f"goal, 15-layer distilled student: kept gain {student['kept_gain']:.0%} (>= 90%: "
               f"{'met' if student['kept_gain'] >= 0.9 else 'missed'}), decode {speedup:.2f}x the teacher (>= 1.6x: "

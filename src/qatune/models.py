@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -232,10 +233,49 @@ def kept_layer_indices(total: int, count: int) -> list[int]:
     return [round(i * (total - 1) / (count - 1)) for i in range(count)]
 
 
-def keep_decoder_layers(model: "PreTrainedModel", count: int) -> list[int]:
-    """Cut `model` in place to `count` of its decoder layers (evenly spaced, first and last kept: DistilBERT's
-    and Minitron's depth pruning), their weights as they were; the config says the new depth, so the model
-    saves, loads and exports as any model of that size. Returns the indices kept."""
+def angular_block_indices(model: "PreTrainedModel", count: int, rows: Iterable[Sequence[int]]) -> list[int]:
+    """`count` of the model's decoder layers: all but one consecutive block, the block whose input and output
+    hidden states are closest in angle, arccos(cosine) / pi averaged over every token of `rows` (token-id lists)
+    (Gromov et al. 2024: such a block changes the residual stream least, so removing it costs least). The first
+    and the last layer are always kept: the block lies between them."""
+    import torch
+
+    total = model.config.num_hidden_layers
+    drop = total - count
+    if drop == 0:
+        return list(range(total))
+    starts = range(1, total - drop)  # the block [start, start + drop) leaves layer 0 and layer total - 1
+    distance = torch.zeros(len(starts), dtype=torch.float64)
+    tokens = 0
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for row in rows:
+                ids = torch.tensor([list(row)], device=model.device)
+                # the decoder alone: no vocabulary-wide logits. hidden_states[i] enters layer i; the last one
+                # is normed, and no block reaches it
+                states = model.get_decoder()(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+                for k, start in enumerate(starts):
+                    cosine = torch.nn.functional.cosine_similarity(
+                        states[start][0].double(), states[start + drop][0].double(), dim=-1)
+                    distance[k] += torch.arccos(cosine.clamp(-1, 1)).sum() / torch.pi
+                tokens += ids.shape[1]
+    finally:
+        model.train(training)
+    if not tokens:
+        raise ModelLoadError("distill.student_layer_choice=angular_block has no training rows to measure the "
+                             "layers on", hint="give the distill stage training data, or choose evenly_spaced")
+    start = starts[int(distance.argmin())]
+    return [i for i in range(total) if not start <= i < start + drop]
+
+
+def keep_decoder_layers(model: "PreTrainedModel", count: int, choice: str = "evenly_spaced",
+                        rows: Iterable[Sequence[int]] = ()) -> list[int]:
+    """Cut `model` in place to `count` of its decoder layers, their weights as they were: evenly spaced, first
+    and last kept (DistilBERT's and Minitron's depth pruning), or, with `choice` angular_block, all but the block
+    `angular_block_indices` finds on `rows`. The config says the new depth, so the model saves, loads and exports
+    as any model of that size. Returns the indices kept."""
     import torch
 
     decoder = model.get_decoder()
@@ -247,7 +287,10 @@ def keep_decoder_layers(model: "PreTrainedModel", count: int) -> list[int]:
     if count > total:
         raise ModelLoadError(f"distill.student_layers={count} but the model has {total} decoder layers",
                              hint=f"keep at most {total}")
-    keep = kept_layer_indices(total, count)
+    if choice == "angular_block":
+        keep = angular_block_indices(model, count, rows)
+    else:
+        keep = kept_layer_indices(total, count)
     decoder.layers = torch.nn.ModuleList(layers[i] for i in keep)
     for new_index, layer in enumerate(decoder.layers):
         if hasattr(getattr(layer, "self_attn", None), "layer_idx"):

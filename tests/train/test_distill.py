@@ -5,7 +5,9 @@ errors."""
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 
 from qatune.config import DistillConfig, ModelConfig
 from qatune.data.templates import IGNORE_INDEX
-from qatune.models import keep_decoder_layers, kept_layer_indices, load_model
+from qatune.models import angular_block_indices, keep_decoder_layers, kept_layer_indices, load_model
 from qatune.train.distill import DistillError, distillation_chunks, held_out_divergence, tokenizer_difference
 from qatune.train.loss import chunked_linear_loss, labelled_positions, mean_over_items
 from qatune.train.run import train
@@ -75,6 +77,59 @@ def test_evenly_spaced_layers_keep_the_first_and_the_last() -> None:
     assert kept_layer_indices(30, 15) == sorted(set(kept_layer_indices(30, 15)))
     assert len(kept_layer_indices(30, 20)) == 20 and kept_layer_indices(30, 20)[-1] == 29
     assert kept_layer_indices(4, 4) == [0, 1, 2, 3]
+
+
+def identity_layers(model, *indices: int):
+    """`model` with the decoder layers at `indices` passing the residual stream through unchanged (their
+    attention and MLP outputs projected to zero)."""
+    for i in indices:
+        layer = model.model.layers[i]
+        torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
+        torch.nn.init.zeros_(layer.mlp.down_proj.weight)
+    return model
+
+
+def test_the_angular_block_is_the_one_that_changes_the_hidden_states_least() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = identity_layers(LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2)), 2, 3)
+    rows = [torch.randint(0, VOCAB, (12,)).tolist() for _ in range(3)]
+    assert angular_block_indices(model, 4, rows) == [0, 1, 4, 5]  # layers 2-3 do nothing: they go
+    assert kept_layer_indices(6, 4) == [0, 2, 3, 5]  # where evenly spaced layers would keep both
+    assert angular_block_indices(model, 6, rows) == list(range(6))
+    reference = [layer.mlp.up_proj.weight.clone() for layer in model.model.layers]
+    assert keep_decoder_layers(model, 4, "angular_block", rows) == [0, 1, 4, 5]
+    assert model.config.num_hidden_layers == 4
+    torch.testing.assert_close(model.model.layers[2].mlp.up_proj.weight, reference[4])  # weights as they were
+    assert model(input_ids=torch.tensor([rows[0]])).logits.shape == (1, 12, VOCAB)
+
+
+def test_distill_cuts_the_angular_block_from_the_training_rows(tmp_path, tiny_model_dir, qa_file) -> None:
+    from rich.console import Console
+
+    from qatune.runtime import Runtime
+
+    shutil.copytree(tiny_model_dir, tmp_path / "teacher")  # its tokenizer; the weights are replaced
+    model = identity_layers(load_model(ModelConfig(name_or_path=str(tiny_model_dir)), dtype=torch.float32), 2)
+    model.save_pretrained(tmp_path / "teacher")
+    config = tiny_config(tmp_path, tmp_path / "teacher", qa_file, "train.stage=distill", "distill.student_layers=3",
+                         "distill.student_layer_choice=angular_block", "method.name=full", "train.max_steps=1",
+                         "train.eval_at_start=false")
+    said = io.StringIO()
+    result = train(config, Runtime.detect(Console(file=said, width=400)))
+    assert "Student: 3 of the model's 4 decoder layers (angular_block): 0-1, 3" in said.getvalue()
+    assert json.loads((result.output_dir / "config.json").read_text())["num_hidden_layers"] == 3
+
+
+def test_an_angular_block_needs_two_layers_left() -> None:
+    from qatune.config import load_config
+    from qatune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="student_layers=1 is too few"):
+        load_config(None, ["distill.student_layers=1", "distill.student_layer_choice=angular_block"])
 
 
 @pytest.mark.slow

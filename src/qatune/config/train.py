@@ -192,10 +192,25 @@ class DistillConfig(Section):
         "(GKD).",
     )
     student_layers: int | None = Field(
-        None, ge=1, description="Make the student from `model` by keeping this many of its decoder layers, evenly "
-        "spaced, first and last included, weights copied (DistilBERT/Minitron-style). Needs a whole-model method "
+        None, ge=1, description="Make the student from `model` by keeping this many of its decoder layers (which: "
+        "`student_layer_choice`), weights copied (DistilBERT/Minitron-style depth pruning). Needs a whole-model method "
         "(method.name full or freeze): the student is saved as a model folder.",
     )
+    student_layer_choice: Literal["evenly_spaced", "angular_block"] = Field(
+        "evenly_spaced", description="Which `student_layers` are kept. `evenly_spaced`: first and last included "
+        "(DistilBERT, Minitron). `angular_block`: the first and last kept, the dropped layers one consecutive block, "
+        "the one whose input and output hidden states are closest in angle on the first training rows (Gromov et "
+        "al. 2024, \"The Unreasonable Ineffectiveness of the Deeper Layers\"): the cut student starts nearer its "
+        "teacher (benchmarks/README.md, distill).",
+    )
+
+    @model_validator(mode="after")
+    def _a_block_leaves_two_layers(self) -> DistillConfig:
+        if self.student_layer_choice == "angular_block" and self.student_layers == 1:
+            raise ValueError("student_layer_choice angular_block keeps the first and the last layer, so "
+                             "student_layers=1 is too few; set distill.student_layers=2 or more, or "
+                             "distill.student_layer_choice=evenly_spaced")
+        return self
 
 
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",

@@ -54,8 +54,9 @@ class TrainingStage:
 
         return stage_template(tokenizer, data_cfg.template, self.name)
 
-    def adapt_model(self, model: Any, config: "QatuneConfig") -> Any:
-        """The loaded model before the method picks what trains (distill cuts its student from it here)."""
+    def adapt_model(self, model: Any, config: "QatuneConfig", train_set: Any, runtime: "Runtime") -> Any:
+        """The loaded model before the method picks what trains (distill cuts its student from it here, measuring
+        the layers on `train_set`, the prepared training rows)."""
         return model
 
     def library_patches(self, runtime: "Runtime") -> AbstractContextManager[None]:
