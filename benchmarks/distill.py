@@ -8,9 +8,9 @@
    `--teacher-steps` steps at `--learning-rate` on the shared zh + en medical train sets (`--records` of
    each).
 2. Students cut from the teacher with `distill.student_layers` N (default 15 and 20; `--layer-choice`:
-   evenly spaced, first and last kept, or the angular block), each trained `--student-steps` steps at `--student-learning-rate` on the same data two
-   ways: (a) cross-entropy only (`distill.alpha=0`), (b) distillation (`--alpha`, forward KL at
-   `--temperature`). A pruned student starts far from its teacher, so it gets its own learning rate.
+   evenly spaced, first and last kept, or the angular block), each trained `--student-steps` steps at
+   `--student-learning-rate` on the same data two ways: (a) cross-entropy only (`distill.alpha=0`), (b)
+   distillation (`--alpha`, forward KL at `--temperature`). A pruned student starts far from its teacher, so it gets its own learning rate.
 3. For the base, the teacher and every student, printed as each is done: the eval loss per answer token
    on the held-out shared test sets (`--eval-records` of each) and the multiple-choice accuracy on the
    shared general sets (`--mcq` of each, log-likelihood cloze like lm-evaluation-harness).

@@ -247,15 +247,15 @@ def angular_block_indices(model: "PreTrainedModel", count: int, rows: Iterable[S
     starts = range(1, total - drop)  # the block [start, start + drop) leaves layer 0 and layer total - 1
     distance = torch.zeros(len(starts), dtype=torch.float64)
     tokens = 0
+    decoder = model.get_decoder()  # the decoder alone: no vocabulary-wide logits
     training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for row in rows:
                 ids = torch.tensor([list(row)], device=model.device)
-                # the decoder alone: no vocabulary-wide logits. hidden_states[i] enters layer i; the last one
-                # is normed, and no block reaches it
-                states = model.get_decoder()(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+                # hidden_states[i] enters layer i; the last one is normed, and no block reaches it
+                states = decoder(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
                 for k, start in enumerate(starts):
                     cosine = torch.nn.functional.cosine_similarity(
                         states[start][0].double(), states[start + drop][0].double(), dim=-1)

@@ -191,7 +191,8 @@ def too_few_steps(optimizer_steps: int, learning_rate: float | None, method: str
                    f"{budget:.4f}, under {STEP_BUDGET:g}): the {method} adapter barely moved from the base",
                    f"raise train.learning_rate ({rate(DEFAULT_LEARNING_RATE)} is the measured default for LoRA on a "
                    "small model) or train more steps: more epochs, or a smaller effective batch "
-                   f"(per_device_batch_size x gradient_accumulation_steps); about {int(STEP_BUDGET / (learning_rate * scale)) + 1} steps at "
+                   "(per_device_batch_size x gradient_accumulation_steps); about "
+                   f"{int(STEP_BUDGET / (learning_rate * scale)) + 1} steps at "
                    f"{learning_rate:g}" + ("; or method.lora_alpha = 2 x method.lora_rank" if scale < 1 else ""))
 
 

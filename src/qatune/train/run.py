@@ -197,7 +197,8 @@ def setup(plan: TrainPlan) -> TrainComponents:
     template = plan.stage.template(tokenizer, config.data)
 
     model = load_for_method(config.model, config.method, plan.dtype, runtime.device)
-    model = apply_method(plan.stage.adapt_model(model, config, data.train, runtime), config.method, cfg.gradient_checkpointing)
+    model = plan.stage.adapt_model(model, config, data.train, runtime)
+    model = apply_method(model, config.method, cfg.gradient_checkpointing)
     parameters = count_parameters(model)
     console.print(f"Method {config.method.name}: {parameters}; precision {plan.precision} on {runtime.device}")
 
