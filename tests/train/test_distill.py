@@ -132,6 +132,14 @@ def test_an_angular_block_needs_two_layers_left() -> None:
         load_config(None, ["distill.student_layers=1", "distill.student_layer_choice=angular_block"])
 
 
+def test_an_angular_block_without_student_layers_is_refused_not_ignored() -> None:
+    from qatune.config import load_config
+    from qatune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="set distill.student_layers=N"):
+        load_config(None, ["distill.student_layer_choice=angular_block"])
+
+
 @pytest.mark.slow
 def test_distilling_lowers_the_divergence_to_the_teacher_faster_than_cross_entropy(
         tmp_path, tiny_model_dir, qa_file, monkeypatch) -> None:
