@@ -206,11 +206,13 @@ class DistillConfig(Section):
 
     @model_validator(mode="after")
     def _layer_choice_has_layers_to_choose(self) -> DistillConfig:
-        if self.student_layer_choice == "angular_block" and self.student_layers is None:
+        if self.student_layer_choice != "angular_block":
+            return self
+        if self.student_layers is None:
             raise ValueError("student_layer_choice angular_block chooses which of distill.student_layers to keep, and "
                              "student_layers is not set, so no student would be cut; set distill.student_layers=N "
                              "(e.g. 15), or drop distill.student_layer_choice")
-        if self.student_layer_choice == "angular_block" and self.student_layers == 1:
+        if self.student_layers == 1:
             raise ValueError("student_layer_choice angular_block keeps the first and the last layer, so "
                              "student_layers=1 is too few; set distill.student_layers=2 or more, or "
                              "distill.student_layer_choice=evenly_spaced")
