@@ -93,12 +93,13 @@ class LlamaCppBatcher(BatchLoop):
         return admitted
 
     def _step(self, admitted: list[Request]) -> int | None:
-        for request in [r for r in self._running if r.cancelled.is_set()]:  # free their cells before computing
+        cancelled = [r for r in self._running if r.cancelled.is_set()]
+        self._leave(cancelled)  # free their cells before computing
+        for request in cancelled:
             request.finish("cancelled")
-            self._release(request)
         for request in admitted:
             self._begin(request)
-        self._running = [r for r in self._running if id(r) in self._sequences] + admitted
+        self._running += admitted
         if not self._running:
             return None
         by_lane: dict[int, list[Request]] = {}
@@ -107,9 +108,7 @@ class LlamaCppBatcher(BatchLoop):
         finished: set[int] = set()
         for rows in by_lane.values():
             finished |= self._advance(rows)
-        for request in [r for r in self._running if id(r) in finished]:
-            self._release(request)
-        self._running = [r for r in self._running if id(r) not in finished]
+        self._leave([r for r in self._running if id(r) in finished])
         return sum(len(rows) for rows in by_lane.values())
 
     def _begin(self, request: Request) -> None:
@@ -140,11 +139,16 @@ class LlamaCppBatcher(BatchLoop):
                 finished.add(id(request))
         return finished
 
-    def _release(self, request: Request) -> None:
-        sequence = self._sequences.pop(id(request))
-        sequence.lane.context.drop_sequence(sequence.sequence_id)
-        sequence.lane.free_ids.append(sequence.sequence_id)
-        sequence.sampler.close()
+    def _leave(self, requests: list[Request]) -> None:
+        """Take requests off the running list, then give their sequences back: whoever sees a sequence id
+        free sees its request no longer running."""
+        leaving = {id(r) for r in requests}
+        self._running = [r for r in self._running if id(r) not in leaving]
+        for request in requests:
+            sequence = self._sequences.pop(id(request))
+            sequence.lane.context.drop_sequence(sequence.sequence_id)
+            sequence.lane.free_ids.append(sequence.sequence_id)
+            sequence.sampler.close()
 
     def _reset(self) -> None:
         """After a failed step the caches may hold half-written sequences: empty them (the prefix is recomputed)."""
