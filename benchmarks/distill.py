@@ -8,7 +8,7 @@
    `--teacher-steps` steps at `--learning-rate` on the shared zh + en medical train sets (`--records` of
    each).
 2. Students cut from the teacher with `distill.student_layers` N (default 15 and 20; `--layer-choice`:
-   evenly spaced, first and last kept, or the angular block), each trained `--student-steps` steps at
+   the angular block, as qatune's default, or evenly spaced, first and last kept), each trained `--student-steps` steps at
    `--student-learning-rate` on the same data two ways: (a) cross-entropy only (`distill.alpha=0`), (b)
    distillation (`--alpha`, forward KL at `--temperature`). A pruned student starts far from its teacher, so it gets its own learning rate.
 3. For the base, the teacher and every student, printed as each is done: the eval loss per answer token
@@ -129,13 +129,13 @@ def decode_rates(args: argparse.Namespace) -> dict[int, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--records", type=int, default=300, help="train records from each shared train set")
+    parser.add_argument("--records", type=int, default=3000, help="train records from each shared train set")
     parser.add_argument("--teacher-steps", type=int, default=32)
-    parser.add_argument("--student-steps", type=int, default=24)
+    parser.add_argument("--student-steps", type=int, default=600)
     parser.add_argument("--layers", type=int, nargs="+", default=[15, 20])
     parser.add_argument("--kinds", nargs="+", choices=["ce", "distill"], default=["ce", "distill"],
                         help="which students of each size to train")
-    parser.add_argument("--layer-choice", choices=["evenly_spaced", "angular_block"], default="evenly_spaced",
+    parser.add_argument("--layer-choice", choices=["evenly_spaced", "angular_block"], default="angular_block",
                         help="distill.student_layer_choice: which layers the students keep")
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--temperature", type=float, default=2.0)
@@ -149,8 +149,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--max-length", type=int, default=160)
-    parser.add_argument("--eval-records", type=int, default=20, help="held-out records from each test set")
-    parser.add_argument("--mcq", type=int, default=20, help="general multiple-choice items from each set")
+    parser.add_argument("--eval-records", type=int, default=50, help="held-out records from each test set")
+    parser.add_argument("--mcq", type=int, default=50, help="general multiple-choice items from each set")
     parser.add_argument("--decode-tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed decode rounds (after one warm-up round); 0: no decode measurement")
@@ -194,7 +194,7 @@ def main() -> int:
                                         args.learning_rate)
         record("teacher")
     alphas = {"ce": 0.0, "distill": args.alpha}
-    choice = "-angular" if args.layer_choice == "angular_block" else ""  # in the students' names
+    choice = "-angular" if args.layer_choice == "angular_block" else "-even"  # in the students' folders
 
     def student_name(layers: int, kind: str) -> str:
         return f"{layers}L-{kind}{choice}"

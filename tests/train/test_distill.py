@@ -107,7 +107,7 @@ def test_the_angular_block_is_the_one_that_changes_the_hidden_states_least() -> 
     assert model(input_ids=torch.tensor([rows[0]])).logits.shape == (1, 12, VOCAB)
 
 
-def test_distill_cuts_the_angular_block_from_the_training_rows(tmp_path, tiny_model_dir, qa_file) -> None:
+def test_distill_cuts_the_angular_block_by_default_from_the_training_rows(tmp_path, tiny_model_dir, qa_file) -> None:
     from rich.console import Console
 
     from qatune.runtime import Runtime
@@ -116,12 +116,20 @@ def test_distill_cuts_the_angular_block_from_the_training_rows(tmp_path, tiny_mo
     model = identity_layers(load_model(ModelConfig(name_or_path=str(tiny_model_dir)), dtype=torch.float32), 2)
     model.save_pretrained(tmp_path / "teacher")
     config = tiny_config(tmp_path, tmp_path / "teacher", qa_file, "train.stage=distill", "distill.student_layers=3",
-                         "distill.student_layer_choice=angular_block", "method.name=full", "train.max_steps=1",
-                         "train.eval_at_start=false")
+                         "method.name=full", "train.max_steps=1", "train.eval_at_start=false")
     said = io.StringIO()
     result = train(config, Runtime.detect(Console(file=said, width=400)))
     assert "Student: 3 of the model's 4 decoder layers (angular_block): 0-1, 3" in said.getvalue()
     assert json.loads((result.output_dir / "config.json").read_text())["num_hidden_layers"] == 3
+
+
+def test_the_layer_choice_defaults_to_the_angular_block_where_it_can_keep_first_and_last() -> None:
+    from qatune.config import load_config
+
+    assert load_config(None, ["distill.student_layers=15"]).distill.layer_choice == "angular_block"
+    assert load_config(None, ["distill.student_layers=1"]).distill.layer_choice == "evenly_spaced"
+    chosen = load_config(None, ["distill.student_layers=15", "distill.student_layer_choice=evenly_spaced"])
+    assert chosen.distill.layer_choice == "evenly_spaced"
 
 
 def test_an_angular_block_needs_two_layers_left() -> None:

@@ -45,9 +45,9 @@ class DistillStage(TrainingStage):
 
         total = model.config.num_hidden_layers
         rows = train_set.select(range(min(CALIBRATION_ROWS, len(train_set))))["input_ids"]
-        keep = keep_decoder_layers(model, cfg.student_layers, cfg.student_layer_choice, rows)
+        keep = keep_decoder_layers(model, cfg.student_layers, cfg.layer_choice, rows)
         runtime.console.print(f"Student: {len(keep)} of the model's {total} decoder layers "
-                              f"({cfg.student_layer_choice}): {ranges(keep)}")
+                              f"({cfg.layer_choice}): {ranges(keep)}")
         return model
 
     def trainer_class(self) -> type:
