@@ -228,7 +228,10 @@ def test_a_waiting_client_that_disconnects_stops_its_generation(any_server, long
 
 def test_health_and_metrics(any_server):
     server = any_server
+    answered = server.metric("qatune_requests_total", route="/answer", status="200")
     httpx.post(server.url + "/answer", json={"question": "hello"})
+    # counted before its last byte left: whoever holds an answer finds it on /metrics
+    assert server.metric("qatune_requests_total", route="/answer", status="200") == answered + 1
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["engine"] == server.engine.kind
     assert "alpha" not in json.dumps(health)  # model names are on /v1/models (behind the key), not on the probe

@@ -71,15 +71,22 @@ class MetricsMiddleware:
             return
         route = scope["path"] if scope["path"] in self.routes else "other"
         started = time.perf_counter()
-        status = {"code": 500}
+        status = {"code": 500, "counted": False}
+
+        def count() -> None:
+            if not status["counted"]:
+                status["counted"] = True
+                self.metrics.requests.labels(route, str(status["code"])).inc()
+                self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
         async def sending(message: Any) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                count()  # before the last byte leaves: a client holding a whole answer finds it counted
             await send(message)
 
         try:
             await self.app(scope, receive, sending)
         finally:
-            self.metrics.requests.labels(route, str(status["code"])).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+            count()  # an answer never finished (the client left, or the app raised)
