@@ -164,24 +164,18 @@ def test_disconnecting_from_a_waiting_request_is_no_500_and_no_traceback(server,
     route = "/v1/chat/completions"
     long_question = [{"role": "user", "content": "What should I do when I have a fever? 发烧了怎么办？"}]
     body = {"model": next(iter(server.engine.models)), "messages": long_question, "max_tokens": 900, "temperature": 0}
-    def counted_once_returned(total: float) -> dict[str, float]:
-        """The statuses once `total` requests are counted: each is counted after its answer has been sent."""
-        deadline = time.time() + 30
-        while sum(route_statuses(server, route).values()) < total and time.time() < deadline:
-            time.sleep(0.05)
-        return route_statuses(server, route)
-
-    earlier = sum(route_statuses(server, route).values())
     whole = httpx.post(server.url + route, json=body, timeout=120).json()
     assert whole["choices"][0]["finish_reason"] == "length"  # left alone, it runs to max_tokens
-    before = counted_once_returned(earlier + 1)
     pace_steps(server, monkeypatch)  # 900 tokens now take 4.5 s at least
+    before = route_statuses(server, route)
     for _ in range(3):
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(server.url + route, json=body, timeout=0.5)
-    after = counted_once_returned(sum(before.values()) + 3)
-    assert {s: after[s] - before.get(s, 0) for s in after if after[s] != before.get(s, 0)} == {"499": 3}
     deadline = time.time() + 30
+    while sum(route_statuses(server, route).values()) < sum(before.values()) + 3 and time.time() < deadline:
+        time.sleep(0.05)  # each request is counted once its handler has returned
+    after = route_statuses(server, route)
+    assert {s: after[s] - before.get(s, 0) for s in after if after[s] != before.get(s, 0)} == {"499": 3}
     while server.engine.in_flight and time.time() < deadline:
         time.sleep(0.05)
     assert server.engine.in_flight == 0 and server.engine.batcher.running == 0

@@ -55,7 +55,8 @@ class ServiceMetrics:
 
 
 class MetricsMiddleware:
-    """Counts every request by route and status, and times it to its last byte (streams included).
+    """Counts every request by route and status, and times it to its last body message (streams included), counted
+    as that message is sent so that a client holding a whole answer finds it counted; an unfinished one when it ends.
 
     Unknown paths share the route label `other`, so random URLs cannot blow up the label set."""
 
@@ -83,7 +84,7 @@ class MetricsMiddleware:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                count()  # before the last byte leaves: a client holding a whole answer finds it counted
+                count()
             await send(message)
 
         try:
