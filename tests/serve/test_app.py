@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serve.conftest import engine_config, pace_steps, serve_config
+from tests.serve.conftest import engine_config, leave_while_generating, pace_steps, serve_config
 
 QUESTION = [{"role": "user", "content": "What should I do when I have a fever? 发烧了怎么办？"}]
 
@@ -220,8 +220,7 @@ def test_a_streaming_client_that_disconnects_stops_its_generation(any_server, lo
 def test_a_waiting_client_that_disconnects_stops_its_generation(any_server, long_answer, paced_steps):
     server = any_server
     before = server.metric("qatune_generated_tokens_total")
-    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 0.3 s (the answer takes 1.5 s at least)
-        httpx.post(server.url + "/v1/chat/completions", json=long_answer, timeout=0.3)
+    leave_while_generating(server, "/v1/chat/completions", long_answer)  # the paced answer takes 1.5 s at least
     wait_until_idle(server)
     assert server.metric("qatune_generated_tokens_total") - before < long_answer["max_tokens"] * 2 / 3
 
