@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
 
@@ -140,21 +141,30 @@ def pace_steps(server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(batcher, "_step", paced)
 
 
+def connect(server: RunningServer) -> socket.socket:
+    url = urlparse(server.url)
+    return socket.create_connection((url.hostname, url.port), timeout=10)
+
+
+def head(path: str, length: int | None, extra: str = "") -> bytes:
+    """A raw POST head with a Content-Length, or chunked when `length` is None."""
+    size = f"Content-Length: {length}\r\n" if length is not None else "Transfer-Encoding: chunked\r\n"
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{size}{extra}\r\n"
+            ).encode()
+
+
 def leave_while_generating(server: RunningServer, path: str, body: dict[str, Any]) -> None:
     """POST `body` to `path` over a socket of its own, and hang up as soon as the engine generates for it.
 
     The hang-up follows the first generated token, not a client timeout: with a timeout, when the client left
     depended on how busy the test process was, and CI twice saw an answer run its course."""
-    host, port = server.url.removeprefix("http://").split(":")
     payload = json.dumps(body).encode()
-    head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(payload)}\r\n\r\n").encode()
     deadline = time.time() + 30
     while server.engine.in_flight and time.time() < deadline:
         time.sleep(0.005)  # a request left before may still take a step: the next token counted must be this one's
     generated = server.metric("qatune_generated_tokens_total")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(head + payload)
+    with connect(server) as sock:
+        sock.sendall(head(path, len(payload)) + payload)
         while server.metric("qatune_generated_tokens_total") == generated and time.time() < deadline:
             time.sleep(0.005)
         assert server.metric("qatune_generated_tokens_total") > generated, "the request never started generating"
