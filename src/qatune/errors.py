@@ -48,6 +48,19 @@ class QatuneError(Exception):
         return text
 
 
+@dataclass(frozen=True)
+class Problem:
+    """One config problem found by a rule that reads several sections: the key as the user writes it, what is
+    wrong, and the fix. `load_config` gathers every problem before it raises one ConfigError."""
+
+    key: str
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}; {self.fix}"
+
+
 class ConfigError(QatuneError):
     """One or more problems in a config file or its overrides, reported together."""
 

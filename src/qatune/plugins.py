@@ -1,0 +1,66 @@
+"""The plug-in table: start reading here.
+
+Every training stage, serving engine and distributed back-end is one module, named below by
+`module:attribute` and imported only when used (so `qatune --help` and config errors stay fast).
+The config schema's choices (`train.stage`, `serve.engine`, `train.distributed`), the CLI's
+choices and the config reference are derived from this table; nothing else spells a plug-in's
+name. Adding one is a new module plus a line here.
+
+What a plug-in of each kind declares:
+- stage (`qatune.train.stages.base.TrainingStage`): its config section, the rows it trains on
+  (`make_rows`, handed to the data stage), `validate(config) -> list[Problem]`, `build_trainer`,
+  and what it adds to the train report.
+- engine (`qatune.serve.engine_plugin.EnginePlugin`): `validate`, `load(request) -> Engine`.
+- distributed (`qatune.train.distributed.DistributedBackend`): `validate`, its TrainingArguments.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import cache
+from typing import Any
+
+PLUGINS: dict[str, dict[str, str]] = {
+    "stage": {
+        "sft": "qatune.train.stages.sft:PLUGIN",
+        "pt": "qatune.train.stages.pt:PLUGIN",
+        "distill": "qatune.train.stages.distill:PLUGIN",
+        "dpo": "qatune.train.stages.dpo:PLUGIN",
+        "kto": "qatune.train.stages.kto:PLUGIN",
+        "orpo": "qatune.train.stages.orpo:PLUGIN",
+        "simpo": "qatune.train.stages.simpo:PLUGIN",
+    },
+    "engine": {
+        "hf": "qatune.serve.hf_engine:PLUGIN",
+        "llamacpp": "qatune.serve.llamacpp_engine:PLUGIN",
+        "vllm": "qatune.serve.vllm_engine:PLUGIN",
+    },
+    "distributed": {
+        "ddp": "qatune.train.distributed:DDP",
+        "fsdp": "qatune.train.distributed:FSDP",
+        "deepspeed_zero2": "qatune.train.distributed:ZERO2",
+        "deepspeed_zero3": "qatune.train.distributed:ZERO3",
+        "deepspeed_zero3_offload": "qatune.train.distributed:ZERO3_OFFLOAD",
+    },
+}
+
+
+def names(kind: str) -> tuple[str, ...]:
+    """The plug-ins of `kind` in table order (no import)."""
+    return tuple(PLUGINS[kind])
+
+
+@cache
+def load(kind: str, name: str) -> Any:
+    """The plug-in object registered as `name` of `kind` (imported on first use)."""
+    try:
+        target = PLUGINS[kind][name]
+    except KeyError:
+        raise KeyError(f"no {kind} plug-in {name!r}; known: {', '.join(PLUGINS.get(kind, {}))}") from None
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def loaded(kind: str) -> dict[str, Any]:
+    """Every plug-in of `kind`, imported, by name."""
+    return {name: load(kind, name) for name in PLUGINS[kind]}
