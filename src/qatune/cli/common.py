@@ -1,11 +1,11 @@
-"""What every command shares: `key=value` overrides, the one config path, the runtime, a stage's parser."""
+"""What every command shares: `key=value` overrides, the one config path, the runtime."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from qatune.errors import QatuneError
@@ -14,7 +14,6 @@ if TYPE_CHECKING:
     from qatune.config import QatuneConfig
     from qatune.runtime import Runtime
 
-OVERRIDES_HELP = "section.key=value overrides, e.g. data.max_length=512 model=path/to/model"
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.-]*=")  # `section.key=value`; a path or a question is not one
 
 
@@ -54,16 +53,3 @@ def make_runtime() -> "Runtime":
     from qatune.runtime import Runtime
 
     return Runtime.detect(Console())
-
-
-def stage_parser(stages: argparse._SubParsersAction, name: str, summary: str, description: str,
-                 run: Callable[[argparse.Namespace], int], flag_keys: dict[str, str] | None = None,
-                 positionals: str = "[CONFIG] [KEY=VALUE]") -> argparse.ArgumentParser:
-    """A stage command: `[CONFIG] [KEY=VALUE ...]` and `--model`, like every stage; `flag_keys` names the
-    config key each of its flags stands for (the one override path, `config_from`)."""
-    parser = stages.add_parser(name, help=summary, description=description,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("args", nargs="*", metavar=positionals, help=OVERRIDES_HELP)
-    parser.add_argument("--model", help="model: default, a Hugging Face folder, a .gguf file or a hub id")
-    parser.set_defaults(run=run, flag_keys={"model": "model.name_or_path", **(flag_keys or {})})
-    return parser

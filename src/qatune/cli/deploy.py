@@ -6,7 +6,7 @@ import argparse
 import os
 from collections.abc import Sequence
 
-from qatune.cli.common import UsageError, config_from, make_runtime, split_args, stage_parser
+from qatune.cli.common import UsageError, config_from, make_runtime, split_args
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
@@ -62,61 +62,3 @@ def cmd_studio(ns: argparse.Namespace) -> int:
 
     serve_studio(ns.workspace, ns.host, ns.port, ns.token or os.environ.get("QATUNE_STUDIO_TOKEN"))
     return 0
-
-
-def add_commands(stages: argparse._SubParsersAction) -> None:
-    exp = stage_parser(
-        stages, "export", "merge an adapter, write a Hugging Face folder, GGUF (llama.cpp, Ollama) or a quantized copy",
-        "qatune export --model M --adapter A --out DIR [--gguf f16|bf16|q8_0|q4_k_m|q5_k_m|q6_k] [--gguf-adapter] "
-        "[--quantize int8|bnb-8bit|bnb-4bit]"
-        "\n\nWrites DIR/: merged safetensors (sharded), config, tokenizer with its chat template, generation config; "
-        "model-<type>.gguf and an Ollama Modelfile (checked in llama.cpp where installed: greedy answers, perplexity); "
-        "adapter.gguf, base-<type>.gguf and Modelfile.adapter; int8/ or bnb-*/ quantized copies; export_report.json with a "
-        "greedy-answer check of every form against base + adapter.",
-        cmd_export, {"adapter": "export.adapter", "out": "export.output_dir", "gguf": "export.gguf",
-                     "quantize": "export.quantize", "force": "export.overwrite", "gguf_adapter": "export.gguf_adapter"})
-    exp.add_argument("--adapter", help="LoRA adapter folder to merge (a qatune train output)")
-    exp.add_argument("--out", metavar="DIR", help="output folder (export.output_dir); must be empty")
-    exp.add_argument("--gguf", choices=["f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"],
-                     help="also write a GGUF file and an Ollama Modelfile (k-quants: pip install 'qatune[llamacpp]')")
-    exp.add_argument("--gguf-adapter", action="store_true",
-                     help="also write the LoRA adapter as a GGUF adapter, its base as GGUF, and Modelfile.adapter")
-    exp.add_argument("--quantize", choices=["int8", "bnb-8bit", "bnb-4bit"],
-                     help="also write a quantized copy (int8: torchao; bnb-*: bitsandbytes, CUDA or CPU)")
-    exp.add_argument("--force", action="store_true", help="replace a non-empty output folder")
-
-    decoding = "Decoding follows serve.decoding: temperature (0.7), top_p (0.9), repetition_penalty, " \
-               "max_new_tokens; e.g. serve.decoding.temperature=0 for greedy answers."
-    cht = stage_parser(stages, "chat", "talk to a model in the terminal (streaming, with history)",
-                       f"Commands: /reset starts a new conversation, /exit leaves.\n\n{decoding}", cmd_chat)
-    gen = stage_parser(stages, "generate", "answer one question and exit", decoding, cmd_generate,
-                       positionals="[CONFIG] [KEY=VALUE] QUESTION")
-    for parser_ in (cht, gen):
-        parser_.add_argument("--adapter", help="LoRA/prefix adapter folder (a qatune train output) to put on --model")
-        parser_.add_argument("--system", help="system prompt")
-
-    srv = stage_parser(
-        stages, "serve", "serve the model and its adapters over HTTP (OpenAI-compatible API, chat page, metrics)",
-        "qatune serve [CONFIG] --model M [--adapter NAME=FOLDER ...] [--host H] [--port P]\n"
-        "             [--engine auto|hf|llamacpp|vllm]\n\n"
-        "Routes: POST /v1/chat/completions, /v1/completions (stream over SSE), GET /v1/models, POST /answer, "
-        "GET /health, GET /metrics (Prometheus), GET / (chat page). Concurrent requests are batched "
-        "together (serve.max_batch_size); serve.api_key (or env QATUNE_API_KEY) requires a Bearer key.",
-        cmd_serve, {"host": "serve.host", "port": "serve.port", "engine": "serve.engine", "adapter": "serve.adapters"})
-    srv.add_argument("--adapter", action="append", metavar="NAME=FOLDER",
-                     help="LoRA adapter served as model NAME on the one base model (repeatable)")
-    srv.add_argument("--host", help="bind address (serve.host, default 127.0.0.1)")
-    srv.add_argument("--port", type=int, help="TCP port (serve.port, default 8000)")
-    srv.add_argument("--engine", choices=["auto", "hf", "llamacpp", "vllm"],
-                     help="serve.engine: auto (default), hf (CPU or GPU), llamacpp (GGUF on the CPU) or vllm (a CUDA GPU, "
-                          "or the CPU with vLLM's CPU build: make vllm)")
-
-    std = stages.add_parser(
-        "studio", help="the whole road in the browser: data, train, evaluate, chat, export over a workspace folder",
-        description="Pages over a workspace folder; every step runs the qatune command it shows (kept in "
-        "WORKSPACE/.studio/jobs/ with its log), and runs are folders in WORKSPACE/runs/.")
-    std.add_argument("--workspace", default=".", help="folder of data files, runs and exports (default: here)")
-    std.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    std.add_argument("--port", type=int, default=7860, help="TCP port (default 7860)")
-    std.add_argument("--token", help="require this token (open the page with ?token=...; env QATUNE_STUDIO_TOKEN)")
-    std.set_defaults(run=cmd_studio)

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from qatune.cli.common import UsageError, config_from, make_runtime, split_args, stage_parser
+from qatune.cli.common import UsageError, config_from, make_runtime, split_args
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
@@ -59,24 +59,3 @@ def _eval_summarize(args: list[str]) -> int:
             print(f"{g['set']} {g['model']}: expert vs judge on {a['pairs']} answers: {a['exact']:.0f}% equal, "
                   f"{a['within_one']:.0f}% within one point, Spearman {rho}")
     return 0
-
-
-def add_commands(stages: argparse._SubParsersAction) -> None:
-    evl = stage_parser(
-        stages, "eval", "evaluate a model, or compare base and fine-tuned (metrics, forgetting check, reports)",
-        "qatune eval [CONFIG] [KEY=VALUE] --model M [--adapter A] --data FILE [--general FILE]\n"
-        "qatune eval [CONFIG] --compare BASE TUNED --data FILE [--general FILE] [--gate]\n"
-        "qatune eval summarize review_sheet.csv\n\n"
-        "Writes eval.output_dir/: eval_report.json/.md/.html, predictions.<model>.jsonl and review_sheet.csv "
-        "(fill its score column 1-5, then run `qatune eval summarize`).",
-        cmd_eval, {"data": "eval.data", "general": "eval.general", "out": "eval.output_dir", "gate": "eval.gate.enabled"})
-    evl.add_argument("--adapter", help="LoRA/prefix adapter folder (a qatune train output) to put on --model")
-    evl.add_argument("--compare", nargs=2, metavar=("BASE", "TUNED"),
-                     help="evaluate BASE and TUNED (an adapter folder on BASE, or a whole model) side by side")
-    evl.add_argument("--data", action="append", metavar="FILE", help="domain evaluation set (repeatable)")
-    evl.add_argument("--general", action="append", metavar="FILE",
-                     help="general multiple-choice set for the forgetting check (repeatable)")
-    evl.add_argument("--out", metavar="DIR", help="output folder (eval.output_dir)")
-    evl.add_argument("--gate", action="store_true",
-                     help="with --compare: exit 3, with the reason, when TUNED is worse than BASE beyond "
-                          "eval.gate.metrics' margins or forgets (eval.gate)")

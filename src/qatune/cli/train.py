@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 
-from qatune.cli.common import config_from, make_runtime, stage_parser
+from qatune.cli.common import config_from, make_runtime
+from qatune.commands import command_line
 
 
 def cmd_tune(ns: argparse.Namespace) -> int:
@@ -42,8 +43,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     config = config_from(ns)  # a config error is reported once, before any process starts
     if ns.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        return _launch(ns.nproc, ["train", *ns.args, *(a for attr, flag in (("model", "--model"), ("data", "--data"))
-                                                      for value in _as_list(getattr(ns, attr)) for a in (flag, value))])
+        return _launch(ns.nproc, command_line("train", *ns.args, model=ns.model, data=ns.data))
     runtime = make_runtime()
     result, evaluation = train_and_evaluate(config, runtime)
     if isinstance(result, TrainInterrupted):
@@ -55,16 +55,12 @@ def cmd_train(ns: argparse.Namespace) -> int:
     if result.preview:
         report.print_preview(result.preview, console)
     if evaluation is not None:
-        from qatune.eval.report import print_summary as print_eval
+        from qatune.eval.render import print_summary as print_eval
 
         print_eval(evaluation.report, console)
         console.print(f"Evaluation: {evaluation.output_dir}/eval_report.html")
     console.print(f"Wrote {result.output_dir}/ ({', '.join(result.report['files'])})")
     return 0
-
-
-def _as_list(value: object) -> list:
-    return [] if value is None else value if isinstance(value, list) else [value]
 
 
 def _launch(nproc: int, qatune_args: list[str]) -> int:
@@ -75,23 +71,3 @@ def _launch(nproc: int, qatune_args: list[str]) -> int:
                "-m", "qatune", *qatune_args]
     print("launching: " + " ".join(command[2:]), file=sys.stderr)
     return subprocess.call(command)
-
-
-def add_commands(stages: argparse._SubParsersAction) -> None:
-    trn = stage_parser(
-        stages, "train", "fine-tune a model on your data (lora, qlora, full, freeze, prefix)",
-        "Prepares the data (or reuses it when unchanged), trains, and writes train.output_dir/: "
-        "adapter or weights (safetensors), tokenizer, config.yaml, train_report.json, loss_curve.png, "
-        "checkpoints and TensorBoard logs. Ctrl-C saves a checkpoint; train.resume=true continues.",
-        cmd_train, {"data": "data.sources"})
-    trn.add_argument("--data", action="append", metavar="FILE", help="training data file or folder (repeatable)")
-    trn.add_argument("--nproc", type=int, default=1, metavar="N",
-                     help="train with N data-parallel processes on this machine (torchrun; see train.distributed)")
-
-    tun = stage_parser(
-        stages, "tune", "search learning rate, LoRA rank/alpha, epochs and warm-up with Optuna",
-        "qatune tune CONFIG --trials N [KEY=VALUE]\n\nEach trial trains in tune.output_dir/trial-N and is "
-        "pruned when its eval loss trails earlier trials. The study is kept in tune.output_dir/study.db: run the "
-        "same command again to resume. Writes best_config.yaml (train it with `qatune train`), "
-        "tune_summary.json and optimization_history.png.", cmd_tune, {"trials": "tune.trials"})
-    tun.add_argument("--trials", type=int, metavar="N", help="trials the study should hold (tune.trials)")
