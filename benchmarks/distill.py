@@ -103,7 +103,7 @@ def decode_rates(args: argparse.Namespace) -> dict[int, float]:
     from qatune.config import SourceConfig
     from qatune.eval.sets import load_eval_set
     from qatune.infer.generation import prompt_ids
-    from qatune.models import keep_decoder_layers
+    from qatune.train.stages.distill import keep_decoder_layers
 
     base, tokenizer, template = load("default")
     models = {base.config.num_hidden_layers: base}

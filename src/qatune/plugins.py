@@ -1,8 +1,10 @@
 """The plug-in table: start reading here.
 
-Every training stage, serving engine and distributed back-end is one module, named below by
+Every training stage, serving engine, record format and distributed back-end is one module (or an
+object in one), named below by
 `module:attribute` and imported only when used (so `qatune --help` and config errors stay fast).
-The config schema's choices (`train.stage`, `serve.engine`, `train.distributed`), the CLI's
+The config schema's choices (`train.stage`, `serve.engine`, `data.sources[].format`,
+`train.distributed`), the CLI's
 choices and the config reference are derived from this table; nothing else spells a plug-in's
 name. Adding one is a new module plus a line here.
 
@@ -11,6 +13,8 @@ What a plug-in of each kind declares:
   (`make_rows`, handed to the data stage), `validate(config) -> list[Problem]`, `build_trainer`,
   and what it adds to the train report.
 - engine (`qatune.serve.engine_plugin.EnginePlugin`): `validate`, `load(request) -> Engine`.
+- format (`qatune.data.formats.RecordFormat`): its fields, its converter, how `auto` recognises it.
+  A stage whose records have a format of their own (kto's labelled answers) declares it in its module.
 - distributed (`qatune.train.distributed.DistributedBackend`): `validate`, its TrainingArguments.
 """
 
@@ -34,6 +38,18 @@ PLUGINS: dict[str, dict[str, str]] = {
         "hf": "qatune.serve.hf_engine:PLUGIN",
         "llamacpp": "qatune.serve.llamacpp_engine:PLUGIN",
         "vllm": "qatune.serve.vllm_engine:PLUGIN",
+    },
+    # Record formats of data sources; `format: auto` tries them in this order (pairs and labelled answers first:
+    # their records also hold a conversation's fields).
+    "format": {
+        "preference": "qatune.data.formats:PREFERENCE",
+        "kto": "qatune.train.stages.kto:RECORD_FORMAT",
+        "sharegpt": "qatune.data.formats:SHAREGPT",
+        "messages": "qatune.data.formats:MESSAGES",
+        "alpaca": "qatune.data.formats:ALPACA",
+        "qa": "qatune.data.formats:QA",
+        "input_target": "qatune.data.formats:INPUT_TARGET",
+        "text": "qatune.data.formats:TEXT",
     },
     "distributed": {
         "ddp": "qatune.train.distributed:DDP",

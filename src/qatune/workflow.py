@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from qatune.config import QatuneConfig
-from qatune.train.checkpoints import TrainError
 
 if TYPE_CHECKING:
     from qatune.eval.run import EvalResult
@@ -14,24 +13,11 @@ if TYPE_CHECKING:
     from qatune.train.run import TrainResult
 
 
-def check_evaluation_after_training(config: QatuneConfig) -> None:
-    """eval.after_train must have something to evaluate, and a stage that answers questions."""
-    if not config.eval.after_train:
-        return
-    if config.train.stage == "pt":
-        raise TrainError("eval.after_train answers questions, and a pt stage learns plain text (its eval loss "
-                         "is the held-out perplexity)", hint="set eval.after_train=false; evaluate the sft stage")
-    if not config.eval.data and not config.data.eval_sources and config.data.val_size == 0:
-        raise TrainError("eval.after_train has nothing to evaluate: no eval.data and no held-out split",
-                         hint="set eval.data, data.eval_sources or data.val_size above 0")
-
-
 def train_and_evaluate(config: QatuneConfig, runtime: "Runtime") -> tuple["TrainResult", "EvalResult | None"]:
     """Train; with eval.after_train, then compare base and tuned into OUT/eval/ and point the train report at it."""
     from qatune.train.outputs import write_report
     from qatune.train.run import TrainCompleted, train
 
-    check_evaluation_after_training(config)  # before hours of training, not after
     result = train(config, runtime)
     if not (config.eval.after_train and isinstance(result, TrainCompleted)):
         return result, None

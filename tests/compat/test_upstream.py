@@ -5,6 +5,7 @@ each context manager leaves the state as it found it."""
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 from typing import Any
 import os
 import random
@@ -283,12 +284,12 @@ def fused_dpo_forward(tiny_model_dir, batch: dict, prompts_once: bool) -> tuple[
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
     utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
     fused, calls = model.forward, []
-    model.forward = lambda **kwargs: calls.append(kwargs) or fused(**kwargs)
-    if prompts_once:
-        run_prompts_once(model)
+    model.forward = counted = lambda **kwargs: calls.append(kwargs) or fused(**kwargs)
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
-                fused_lm_head=True, use_cache=False)
+    with run_prompts_once(model) if prompts_once else nullcontext():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                    fused_lm_head=True, use_cache=False)
+    assert model.forward is counted  # the patch is undone
     out.log_probs.sum().backward()
     return out, model.model.layers[0].self_attn.q_proj.weight.grad, calls
 
@@ -326,23 +327,27 @@ def test_the_reference_pass_of_a_lora_run_scores_log_probs_alone(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits"))  # as TRL's trainers do
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
-    lean_reference_head(peft_model.get_base_model())
+    trl_forward = peft_model.get_base_model().forward
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
     labels = ids.masked_fill(torch.arange(9) < 4, -100)
 
     def scores() -> Any:
         return peft_model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, fused_lm_head=True)
 
-    with torch.no_grad():
-        tuned = scores()  # evaluation: adapters on, TRL's metric fields kept
+    with lean_reference_head(peft_model.get_base_model()):
+        with torch.no_grad():
+            tuned = scores()  # evaluation: adapters on, TRL's metric fields kept
+            with peft_model.disable_adapter():
+                reference = scores()
+        assert tuned.entropy is not None and reference.entropy is None and reference.mean_logits is None
+        assert not torch.allclose(tuned.log_probs, reference.log_probs)  # the adapter was off for the reference
         with peft_model.disable_adapter():
-            reference = scores()
-    assert tuned.entropy is not None and reference.entropy is None and reference.mean_logits is None
-    assert not torch.allclose(tuned.log_probs, reference.log_probs)  # the adapter was off for the reference
-    with peft_model.disable_adapter():
-        with_grad = scores()  # a pass with gradient is never the reference
-    assert with_grad.entropy is not None
-    torch.testing.assert_close(with_grad.log_probs.detach(), reference.log_probs)
+            with_grad = scores()  # a pass with gradient is never the reference
+        assert with_grad.entropy is not None
+        torch.testing.assert_close(with_grad.log_probs.detach(), reference.log_probs)
+    assert peft_model.get_base_model().forward is trl_forward  # TRL's head again, with its metric fields
+    with torch.no_grad(), peft_model.disable_adapter():
+        assert scores().entropy is not None
 
 
 @pytest.mark.parametrize("module", ["torch", "transformers", "peft", "datasets", "process", "uvicorn",

@@ -69,7 +69,7 @@ def test_feedback_gives_pairs_kto_rows_corrections_and_counts_every_unused_row(t
 
     kto = {(r["messages"][1]["content"], r["label"]) for r in result.kto}
     assert kto == {("Paris is the capital of France.", True), ("Lyon.", False), ("不用。", False)}
-    assert result.report["kto"] == {"desirable": 1, "undesirable": 2, "between_thresholds": 3}
+    assert result.report["kto_labels"] == {"desirable": 1, "undesirable": 2, "between_thresholds": 3}
     assert all(r["provenance"]["reviews"] for r in result.kto)
 
     assert [(r["question"], r["answer"]) for r in result.sft] == [(Q[3], "高血压是指动脉血压持续高于正常范围。")]

@@ -208,15 +208,17 @@ def test_prepare_or_reuse_counts_a_new_file_in_a_source_folder(tmp_path: Path, t
 
 def test_plan_decides_without_writing(tmp_path: Path) -> None:
     """The plan names what the run would replace and whether it can reuse, and writes nothing itself."""
+    from qatune import plugins
     from qatune.data import prepare as recipe
     from qatune.runtime import Runtime
 
+    sft = plugins.load("stage", "sft")
     data = write_jsonl(tmp_path / "d.jsonl", REUSE_RECORDS)
     config = _reuse_config(tmp_path, data)
-    plan = recipe.plan(config, Runtime(), reuse=True)
+    plan = recipe.plan(config, Runtime(), sft, reuse=True)
     assert plan.reuse is False and plan.replaces is False and not (tmp_path / "out").exists()
     with pytest.raises(DataError, match="no such file or folder"):
-        recipe.plan(_reuse_config(tmp_path, tmp_path / "missing.jsonl"), Runtime())
+        recipe.plan(_reuse_config(tmp_path, tmp_path / "missing.jsonl"), Runtime(), sft)
 
 
 def test_a_folder_with_user_files_is_never_a_data_output(tmp_path: Path, tokenizer) -> None:

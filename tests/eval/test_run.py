@@ -116,17 +116,17 @@ def test_single_model_eval_on_a_tiny_model(tiny_model_dir, qa_file, tmp_path):
                                 'eval.decoding_presets=["repetition_guard"]'])
     result = evaluate(config, [ModelSpec("model", str(tiny_model_dir))])
     report = result.report
-    assert "deltas" not in report and "forgetting" not in report
-    assert report["scores"]["qa"]["model"]["answers"] == 5
+    assert report.deltas is None and report.forgetting is None
+    assert report.scores["qa"]["model"]["answers"] == 5
     rows = [r for r in result.predictions["model"] if "prediction" in r]
-    assert report["scores"]["qa"]["model"]["empty_answers"] == sum(1 for r in rows if not r["prediction"])
+    assert report.scores["qa"]["model"]["empty_answers"] == sum(1 for r in rows if not r["prediction"])
     assert all(r["scores"]["bleu4"] == 0.0 for r in rows if not r["prediction"])  # scored, not dropped
-    assert report["scores"]["mcq"]["model"]["choice_items"] == 1
-    assert report["sets"][1]["skipped"] == {"bad_answer": 1}
-    assert report["sets"][1]["skipped_items"][0]["location"].endswith("line 2, field 'answer'")
+    assert report.scores["mcq"]["model"]["choice_items"] == 1
+    assert report.sets[1]["skipped"] == {"bad_answer": 1}
+    assert report.sets[1]["skipped_items"][0]["location"].endswith("line 2, field 'answer'")
     assert (tmp_path / "out" / "predictions.model.jsonl").is_file()
     # The named preset answered every question again, measured beside eval.decoding (greedy).
-    preset = report["scores"]["qa"]["model"]["presets"]["repetition_guard"]
+    preset = report.scores["qa"]["model"]["presets"]["repetition_guard"]
     assert {"rougeL", "loop_share", "truncated_share", "distinct_2"} <= set(preset)
     assert all("repetition_guard" in r["presets"] for r in rows)
     assert preset["truncated_share"] == 100 * sum("truncated" in r["presets"]["repetition_guard"]["flags"]
@@ -184,27 +184,24 @@ def test_evaluation_after_training(tiny_model_dir, qa_file, tmp_path):
     result, evaluation = train_and_evaluate(config, Runtime.detect())
     assert evaluation is not None and evaluation.output_dir == tmp_path / "run" / "eval"
     report = evaluation.report
-    assert [s["name"] for s in report["sets"]] == ["held_out", "mcq"]
-    assert report["scores"]["held_out"]["tuned"]["answers"] == result.report["eval_samples"]
-    assert report["models"][1]["adapter"] == str(tmp_path / "run")
+    assert [s["name"] for s in report.sets] == ["held_out", "mcq"]
+    assert report.scores["held_out"]["tuned"]["answers"] == result.report.eval_samples
+    assert report.models[1]["adapter"] == str(tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "train_report.json").read_text(encoding="utf-8"))
     assert saved["evaluation"]["report"].endswith("eval_report.json") and "held_out" in saved["evaluation"]["deltas"]
     assert saved["evaluation"] == evaluation.headline()
-    assert saved["evaluation"]["forgetting_warnings"] == report["forgetting"]["warnings"]
+    assert saved["evaluation"]["forgetting_warnings"] == report.forgetting["warnings"]
     # The diagnosis read the training record: 2 steps at the default learning rate barely move an adapter.
     assert len(saved["loss_history"]["train"]) >= 1
-    assert "too_few_steps" in [f["check"] for f in report["diagnosis"]["findings"]]
+    assert "too_few_steps" in [f["check"] for f in report.diagnosis["findings"]]
     assert "Too few optimizer steps for the learning rate" in saved["evaluation"]["diagnosis"]
 
 
-def test_evaluation_after_training_is_refused_before_training(tiny_model_dir, qa_file, tmp_path):
-    from qatune.runtime import Runtime
-    from qatune.train.run import TrainError
-    from qatune.workflow import train_and_evaluate
+def test_evaluation_after_training_is_refused_with_the_config(tiny_model_dir, qa_file, tmp_path):
+    from qatune.errors import ConfigError
 
-    for overrides, message in ((["train.stage=pt"], "pt stage learns plain text"),
+    for overrides, message in ((["train.stage=pt"], "train.stage=pt learns plain text"),
                                (["data.val_size=0"], "nothing to evaluate")):
-        config = tiny_config(tmp_path, tiny_model_dir, qa_file, "eval.after_train=true", *overrides)
-        with pytest.raises(TrainError, match=message):
-            train_and_evaluate(config, Runtime.detect())
+        with pytest.raises(ConfigError, match=message):
+            tiny_config(tmp_path, tiny_model_dir, qa_file, "eval.after_train=true", *overrides)
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()

@@ -15,10 +15,12 @@ import torch.nn.functional as F
 
 from qatune.config import DistillConfig, ModelConfig
 from qatune.data.templates import IGNORE_INDEX
-from qatune.models import angular_block_indices, keep_decoder_layers, kept_layer_indices, load_model
+from qatune.errors import ConfigError
+from qatune.models import load_model
 from qatune.train.distill import DistillError, distillation_chunks, held_out_divergence, tokenizer_difference
 from qatune.train.loss import chunked_linear_loss, labelled_positions, mean_over_items
 from qatune.train.run import train
+from qatune.train.stages.distill import angular_block_indices, keep_decoder_layers, kept_layer_indices
 from tests.conftest import tiny_config
 
 VOCAB = 40
@@ -195,12 +197,9 @@ def test_a_teacher_with_another_tokenizer_is_refused_by_name(tmp_path, tiny_mode
     (["train.stage=distill"], "neither distill.teacher nor distill.student_layers"),
     (["train.stage=distill", "distill.student_layers=2", "method.name=lora"], "would save only an adapter"),
 ])
-def test_unfit_settings_stop_before_loading(tmp_path, tiny_model_dir, qa_file, overrides, message) -> None:
-    from qatune.runtime import Runtime
-    from qatune.train.run import plan
-
-    with pytest.raises(DistillError, match=message):
-        plan(tiny_config(tmp_path, tiny_model_dir, qa_file, *overrides), Runtime.detect())
+def test_unfit_settings_are_config_problems(tmp_path, tiny_model_dir, qa_file, overrides, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(tmp_path, tiny_model_dir, qa_file, *overrides)
 
 
 @pytest.mark.slow

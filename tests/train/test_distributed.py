@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from qatune.config import load_config
-from qatune.train.arguments import distributed_arguments
+from qatune.train.distributed import backend
 from qatune.train.run import TrainError, train
 from tests.conftest import REPO, tiny_config
 
@@ -55,15 +55,15 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, qa_f
 
 
 def test_engines_map_to_trainer_arguments(tiny_model_dir, qa_file, tmp_path):
-    assert distributed_arguments("ddp", ["LlamaDecoderLayer"]) == {}
-    fsdp = distributed_arguments("fsdp", ["LlamaDecoderLayer"])
+    assert backend("ddp").training_arguments(["LlamaDecoderLayer"]) == {}
+    fsdp = backend("fsdp").training_arguments(["LlamaDecoderLayer"])
     assert fsdp["fsdp"] == "full_shard auto_wrap"
     assert fsdp["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
     for engine in ("deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"):
-        preset = json.loads(open(distributed_arguments(engine, [])["deepspeed"], encoding="utf-8").read())
+        preset = json.loads(open(backend(engine).training_arguments([])["deepspeed"], encoding="utf-8").read())
         assert preset["train_micro_batch_size_per_gpu"] == "auto"
         assert preset["zero_optimization"]["stage"] == (2 if engine.endswith("zero2") else 3)
-    offload = json.loads(open(distributed_arguments("deepspeed_zero3_offload", [])["deepspeed"]).read())
+    offload = json.loads(open(backend("deepspeed_zero3_offload").training_arguments([])["deepspeed"]).read())
     assert offload["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     # Sharding engines need CUDA GPUs: refused at once on this machine, before any weight is read.
     with pytest.raises(TrainError, match="shards the model over CUDA GPUs"):

@@ -14,7 +14,7 @@ from qatune.config import ModelConfig
 from qatune.eval.preference import pairwise
 from qatune.models import load_model, load_tokenizer
 from qatune.runtime import Runtime
-from qatune.train import preference
+from qatune.train.stages import preference
 from qatune.train.checkpoints import TrainError
 from tests.conftest import tiny_config, write_jsonl
 

@@ -118,8 +118,8 @@ def test_hardware_and_setup_errors_come_before_loading(tmp_path, tiny_model_dir,
             train(tiny_config(tmp_path, tiny_model_dir, qa_file, "method.name=qlora"))
     with pytest.raises(TrainError, match="fp16 on CPU"):
         train(tiny_config(tmp_path, tiny_model_dir, qa_file, "train.precision=fp16"))
-    with pytest.raises(TrainError, match="needs eval data"):
-        train(tiny_config(tmp_path, tiny_model_dir, qa_file, "data.val_size=0", "train.early_stopping_patience=2"))
+    with pytest.raises(ConfigError, match="early_stopping_patience: needs eval data"):
+        tiny_config(tmp_path, tiny_model_dir, qa_file, "data.val_size=0", "train.early_stopping_patience=2")
     assert not (tmp_path / "run").exists()
 
 

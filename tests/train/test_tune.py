@@ -9,7 +9,8 @@ import json
 import pytest
 
 from qatune.config import load_config
-from qatune.train.tune import TuneError, storage_url, tune
+from qatune.errors import ConfigError
+from qatune.train.tune import storage_url, tune
 from tests.conftest import tiny_config
 
 
@@ -70,7 +71,7 @@ def test_study_completes_resumes_after_a_kill_and_writes_the_best_config(tmp_pat
 
 
 def test_a_study_without_eval_data_or_with_fixed_steps_is_refused(tmp_path, tiny_model_dir, qa_file) -> None:
-    with pytest.raises(TuneError, match="no eval data"):
+    with pytest.raises(ConfigError, match="no eval data"):
         tune(search(tmp_path, tiny_model_dir, qa_file, "data.val_size=0"))
-    with pytest.raises(TuneError, match="max_steps=5 overrides the epochs"):
+    with pytest.raises(ConfigError, match="max_steps: 5 overrides the epochs"):
         tune(search(tmp_path, tiny_model_dir, qa_file, "train.max_steps=5"))

@@ -62,8 +62,20 @@ def labelled_positions_only() -> Iterator[None]:
         utils._use_triton, utils._CHUNKED_LOGPROB_CHUNK_SIZE = use_triton, tile
 
 
-def run_prompts_once(model: Any) -> None:
-    """DPO's policy and reference passes run each pair's prompt once instead of once per answer.
+@contextmanager
+def forward_replaced(model: Any, forward: Any) -> Iterator[None]:
+    """`model.forward` is `forward` inside, and the one it replaced again after."""
+    replaced = model.forward
+    model.forward = forward
+    try:
+        yield
+    finally:
+        model.forward = replaced
+
+
+@contextmanager
+def run_prompts_once(model: Any) -> Iterator[None]:
+    """DPO's policy and reference passes run each pair's prompt once instead of once per answer, while inside.
 
     TRL's DPO batch is [chosen rows; rejected rows], each `prompt + answer`, and the model's fused forward
     (`add_fused_lm_head`, on `model`) scores them. Here each pair becomes one row, `prompt, chosen, p', rejected`:
@@ -92,7 +104,8 @@ def run_prompts_once(model: Any) -> None:
             setattr(out, name, unpacked(getattr(out, name)))
         return out  # its loss is already the same: the same labels, each scored once
 
-    model.forward = forward
+    with forward_replaced(model, forward):
+        yield
 
 
 def _pack_pairs(kwargs: dict[str, Any], labels: torch.Tensor) -> tuple | None:
@@ -151,8 +164,10 @@ def _pack_pairs(kwargs: dict[str, Any], labels: torch.Tensor) -> tuple | None:
     return inputs, (2 * pairs, width - 1), (rows_t, columns_t), (packed_rows, packed_columns)
 
 
-def lean_reference_head(model: Any) -> None:
-    """The reference pass of a LoRA dpo/kto run (no gradient, adapters switched off) scores log-probabilities only.
+@contextmanager
+def lean_reference_head(model: Any) -> Iterator[None]:
+    """The reference pass of a LoRA dpo/kto run (no gradient, adapters switched off) scores log-probabilities only,
+    while inside.
 
     TRL gives `model` one fused LM head for every call, with the entropy, mean logit and top-1 fields its metrics
     read; the reference pass discards them, and on a CPU they are most of the head's forward (about half its time
@@ -164,6 +179,7 @@ def lean_reference_head(model: Any) -> None:
 
     adapter_layer = next((m for m in model.modules() if isinstance(m, BaseTunerLayer)), None)
     if adapter_layer is None:
+        yield
         return
     with_metrics = model.forward
     add_fused_lm_head(model, outputs=("log_probs",))
@@ -173,4 +189,6 @@ def lean_reference_head(model: Any) -> None:
         reference = not torch.is_grad_enabled() and adapter_layer.disable_adapters
         return (log_probs_only if reference else with_metrics)(*args, **kwargs)
 
-    model.forward = forward
+    model.forward = with_metrics  # what add_fused_lm_head replaced: the one to come back after
+    with forward_replaced(model, forward):
+        yield

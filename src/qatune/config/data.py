@@ -7,9 +7,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
+from qatune import plugins
 from qatune.config.base import Section
 
-SOURCE_FORMATS = ("auto", "alpaca", "qa", "input_target", "sharegpt", "messages", "text", "preference", "kto")
+SOURCE_FORMATS = ("auto", *plugins.names("format"))
 NAMED_TEMPLATES = ("chatml", "llama3", "alpaca", "default")
 
 

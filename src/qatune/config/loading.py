@@ -9,13 +9,16 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from qatune.config import rules
 from qatune.config.root import QatuneConfig
 from qatune.config.schema import field_at, type_name, valid_keys
-from qatune.errors import ConfigError
+from qatune.errors import ConfigError, Problem
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> QatuneConfig:
-    """Read a YAML file (optional), apply `section.key=value` overrides, validate everything at once."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                command: str | None = None) -> QatuneConfig:
+    """Read a YAML file (optional), apply `section.key=value` overrides, validate everything at once: each
+    field, then the rules across sections (`qatune.config.rules`; with `command`, that command's too)."""
     raw: dict[str, Any] = {}
     lines: dict[tuple, int] = {}
     source = str(path) if path else None
@@ -29,9 +32,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if problems:
         raise ConfigError(problems, source)
     try:
-        return QatuneConfig.model_validate(raw)
+        config = QatuneConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError([_describe(err, lines) for err in exc.errors()], source) from None
+        problems = [_describe(err, lines) for err in exc.errors()]
+        problems += [_located(p, lines) for p in rules.problems(_valid_sections(raw), command)]
+        raise ConfigError(problems, source) from None
+    found = rules.problems(config, command)
+    if found:
+        raise ConfigError([_located(p, lines) for p in found], source)
+    return config
+
+
+def _valid_sections(raw: dict[str, Any]) -> rules.ValidSections:
+    """The sections of `raw` that validate on their own (the others at their defaults would mislead a rule)."""
+    valid = {}
+    for name in QatuneConfig.model_fields:
+        try:
+            valid[name] = getattr(QatuneConfig.model_validate({name: raw[name]} if name in raw else {}), name)
+        except ValidationError:
+            continue
+    return rules.ValidSections(valid)
+
+
+def _located(problem: Problem, lines: dict[tuple, int]) -> str:
+    """A rule's problem said like a field's: its key, the key's YAML line where the file has it, what, the fix."""
+    line = _line_of(tuple(int(p) if p.isdigit() else p for p in problem.key.split(".")), lines)
+    return f"{problem.key}{f' (line {line})' if line else ''}: {problem.message}; {problem.fix}"
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple, int]]:
@@ -143,8 +169,6 @@ def _line_of(loc: tuple, lines: dict[tuple, int]) -> int | None:
     return None
 
 
-
-
 def _closest_key(key: str, parent: tuple, valid: list[str]) -> str | None:
     """The valid key nearest to a misspelt one, looking one section deeper too (`clean.ngram`)."""
     candidates = {k: k for k in valid}
@@ -153,7 +177,6 @@ def _closest_key(key: str, parent: tuple, valid: list[str]) -> str | None:
             candidates.setdefault(sub, f"{k}.{sub}")
     close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
     return candidates[close[0]] if close else None
-
 
 
 def _expected_type(loc: tuple) -> str | None:

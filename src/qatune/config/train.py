@@ -6,13 +6,14 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from qatune import plugins
 from qatune.config.base import Section
 
 
 class TrainConfig(Section):
     """Optimisation and checkpointing."""
 
-    stage: Literal["sft", "pt", "distill", "dpo", "kto", "orpo", "simpo"] = Field(
+    stage: Literal[plugins.names("stage")] = Field(  # type: ignore[valid-type]
         "sft",
         description="`sft`: supervised fine-tuning on conversations (loss on the answers). `pt`: continued "
         "pre-training on plain text (`text` records, .txt/.md files): no chat template, loss on every token, "
@@ -102,7 +103,7 @@ class TrainConfig(Section):
         None, ge=1, description="Stop after N evaluations whose eval loss does not improve."
     )
     early_stopping_threshold: float = Field(0.0, ge=0, description="Smallest eval-loss gain that counts.")
-    distributed: Literal["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"] = Field(
+    distributed: Literal[plugins.names("distributed")] = Field(  # type: ignore[valid-type]
         "ddp",
         description="Engine when several processes train (`--nproc N`, torchrun, accelerate launch): ddp (data "
         "parallel, CPU or GPU), fsdp (full shard, decoder layers wrapped), DeepSpeed ZeRO-2/3, ZeRO-3 with CPU "
@@ -163,6 +164,14 @@ class TuneConfig(Section):
     def _check_range(cls, v: list | None) -> list | None:
         if v is not None and (len(v) != 2 or v[0] > v[1]):
             raise ValueError(f"expected [low, high] with low <= high, got {v}")
+        return v
+
+    @field_validator("warmup_ratio")
+    @classmethod
+    def _warmup_below_one(cls, v: list | None) -> list | None:
+        if v is not None and v[1] >= 1:
+            raise ValueError(f"{v} reaches 1: no step would be at full learning rate; use a range below 1, e.g. "
+                             "[0.0, 0.1]")
         return v
 
     @field_validator("lora_rank", "lora_alpha")
@@ -231,7 +240,6 @@ class DistillConfig(Section):
 
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
-STAGE_BETA = {"dpo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0}  # each method's paper / TRL default
 
 
 class PreferenceConfig(Section):
@@ -241,7 +249,8 @@ class PreferenceConfig(Section):
     beta: float | None = Field(
         None, gt=0, description="Strength of the preference term. dpo/kto: how far the model may move from the "
         "reference (higher: closer); orpo: the odds-ratio weight (lambda); simpo: the reward scale. Null: the "
-        f"stage's usual value ({', '.join(f'{k} {v}' for k, v in STAGE_BETA.items())}).",
+        "stage's usual value, its paper's or TRL's default (`default_beta` in the stage's module: dpo, kto and "
+        "orpo 0.1, simpo 2.0).",
     )
     loss_type: Literal[DPO_LOSSES] = Field(  # type: ignore[valid-type]
         "sigmoid", description="DPO's loss variant (stage dpo): `sigmoid` (DPO), `ipo`, `hinge` (SLiC), `robust` "
@@ -268,9 +277,6 @@ class PreferenceConfig(Section):
             raise ValueError("loss_type exo_pair needs label_smoothing above 0; set preference.label_smoothing=1e-3 "
                              "(the EXO paper's value)")
         return self
-
-    def beta_for(self, stage: str) -> float:
-        return self.beta if self.beta is not None else STAGE_BETA[stage]
 
 
 class FeedbackConfig(Section):

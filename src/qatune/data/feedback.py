@@ -162,7 +162,7 @@ def build(answers: list[Answer], config: QatuneConfig) -> tuple[list, list, list
                         "provenance": {**review.provenance(), "set": answer.set, "corrects_model": answer.model,
                                        "corrects_answer": answer.text}})
     counts = {"questions": len(by_question), "dpo_pairs": len(dpo), "dpo_dropped": dict(dropped),
-              "kto_examples": len(kto), "kto": dict(labels), "sft_records": len(sft)}
+              "kto_examples": len(kto), "kto_labels": dict(labels), "sft_records": len(sft)}
     return dpo, kto, sft, counts, used
 
 

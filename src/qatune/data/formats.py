@@ -8,31 +8,51 @@ Formats: alpaca (`instruction`/`input`/`output`, optional `system`/`history`), q
 Preference data: preference (`chosen` and `rejected`, each a text, a message or a list of assistant
 messages, after a prompt given as `question`, `prompt` (text or messages), `messages`/`conversations`, or
 alpaca's `instruction`/`input`/`history`: LLaMA-Factory's ranking sets and TRL's conversational pairs),
-kto (`messages` or `conversations` ending with the answer, and a boolean `label`: desirable or not).
+and the formats training stages add (a labelled answer: see `qatune.plugins.PLUGINS["format"]`).
+
+Each format is a `RecordFormat` named in the plug-in table; `auto` tries them in the table's order.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from qatune import plugins
 from qatune.config import SharegptTags, SourceConfig
 from qatune.data.records import Conversation
 from qatune.errors import DataFormatError, Location, MissingColumnError
 
-# The fields each format reads: (required, optional).
-FORMAT_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "alpaca": (("instruction", "output"), ("input", "system", "history")),
-    "qa": (("question", "answer"), ("system",)),
-    "input_target": (("input", "target"), ("system",)),
-    "sharegpt": (("conversations",), ("system", "tools")),
-    "messages": (("messages",), ("tools",)),
-    "text": (("text",), ()),
-    "preference": (("chosen", "rejected"), ("question", "prompt", "messages", "conversations", "instruction",
-                                            "input", "system", "history", "tools")),
-    "kto": (("messages", "label"), ("conversations", "tools")),
-}
+Converter = Callable[[dict[str, Any], SourceConfig, str, Location], Conversation]
+TURN_FIELDS = {"messages", "conversations"}  # either holds a conversation's turns
+
+
+@dataclass(frozen=True)
+class RecordFormat:
+    """A record format: the fields it reads, how it converts a record, how `auto` recognises it."""
+
+    name: str
+    required: tuple[str, ...]
+    optional: tuple[str, ...]
+    convert: Converter
+    # Whether a first record with these fields (after `columns` renames) is of this format; None: `required` present
+    recognise: Callable[[set[str], dict[str, Any], SourceConfig], bool] | None = None
+    either_turn_field: bool = False  # `messages` or `conversations` stands for the other in `required`
+    dataset_info_column: str | None = None  # the LLaMA-Factory dataset_info.json column that marks this format
+
+    def recognises(self, present: set[str], record: dict[str, Any], source: SourceConfig) -> bool:
+        if self.recognise is not None:
+            return self.recognise(present, record, source)
+        return set(self.required) <= present
+
+
+def record_formats() -> dict[str, RecordFormat]:
+    """Every record format by name, in the order `auto` tries them."""
+    return plugins.loaded("format")
+
+
 PROMPT_FIELDS = ("messages", "conversations", "instruction", "question", "prompt")  # a pair's prompt, in order
 
 
@@ -40,21 +60,13 @@ def detect_format(record: dict[str, Any], source: SourceConfig, loc: Location) -
     """Pick the format from the first record's keys (after `columns` renames)."""
     if source.format != "auto":
         return source.format
-    present = {field for field in _all_fields() if _column(source, field) in record}
-    if {"chosen", "rejected"} <= present:
-        return "preference"
-    if "label" in present and present & {"messages", "conversations"}:
-        return "kto"
-    if "conversations" in present:
-        return "sharegpt"
-    if "messages" in present:
-        turns = record[_column(source, "messages")]
-        first = turns[0] if isinstance(turns, list) and turns else {}
-        return "sharegpt" if isinstance(first, dict) and source.tags.role_tag in first else "messages"
-    for fmt in ("alpaca", "qa", "input_target", "text"):
-        if set(FORMAT_FIELDS[fmt][0]) <= present:
-            return fmt
-    expected = "; ".join(f"{fmt}: {', '.join(req)}" for fmt, (req, _) in FORMAT_FIELDS.items())
+    formats = record_formats()
+    fields = {f for fmt in formats.values() for f in fmt.required + fmt.optional}
+    present = {field for field in fields if field_column(source, field) in record}
+    for fmt in formats.values():
+        if fmt.recognises(present, record, source):
+            return fmt.name
+    expected = "; ".join(f"{fmt.name}: {', '.join(fmt.required)}" for fmt in formats.values())
     raise MissingColumnError(
         f"cannot tell the format from the fields {sorted(record)}; expected one of [{expected}]",
         loc,
@@ -65,9 +77,10 @@ def detect_format(record: dict[str, Any], source: SourceConfig, loc: Location) -
 
 def check_columns(columns: list[str], fmt: str, source: SourceConfig, loc: Location) -> None:
     """A table (CSV/Parquet) must have every required column of its format before any row is read."""
-    missing = [_column(source, f) for f in FORMAT_FIELDS[fmt][0] if _column(source, f) not in columns]
-    if fmt in ("sharegpt", "kto") and missing and ({"messages", "conversations"} & set(columns)):
-        missing = [m for m in missing if m not in (_column(source, "messages"), _column(source, "conversations"))]
+    spec = record_formats()[fmt]
+    missing = [field_column(source, f) for f in spec.required if field_column(source, f) not in columns]
+    if spec.either_turn_field and missing and (TURN_FIELDS & set(columns)):
+        missing = [m for m in missing if m not in {field_column(source, f) for f in TURN_FIELDS}]
     if missing:
         raise MissingColumnError(
             f"no column {', '.join(repr(m) for m in missing)} needed by format '{fmt}'; the file has {columns}",
@@ -78,19 +91,15 @@ def check_columns(columns: list[str], fmt: str, source: SourceConfig, loc: Locat
 
 def to_conversation(fmt: str, record: dict[str, Any], source: SourceConfig, name: str, loc: Location) -> Conversation:
     """Convert one record; raises DataFormatError naming the field at fault."""
-    return _CONVERTERS[fmt](record, source, name, loc)
+    return record_formats()[fmt].convert(record, source, name, loc)
 
 
-def _all_fields() -> set[str]:
-    return {f for req, opt in FORMAT_FIELDS.values() for f in req + opt}
-
-
-def _column(source: SourceConfig, field: str) -> str:
+def field_column(source: SourceConfig, field: str) -> str:
     return source.columns.get(field, field)
 
 
 def _text(record: dict[str, Any], source: SourceConfig, field: str, loc: Location, required: bool = True) -> str:
-    column = _column(source, field)
+    column = field_column(source, field)
     value = record.get(column)
     if value is None:
         if required:
@@ -110,7 +119,7 @@ def _from_alpaca(record: dict[str, Any], source: SourceConfig, name: str, loc: L
     query = _text(record, source, "input", loc, required=False)
     prompt = f"{instruction}\n{query}" if query.strip() else instruction  # LLaMA-Factory joins them so
     turns: list[dict[str, str]] = []
-    history_field = _column(source, "history")
+    history_field = field_column(source, "history")
     history = record.get(history_field) or []
     if not isinstance(history, list):
         raise DataFormatError(f"expected a list of [question, answer] pairs, got {type(history).__name__}",
@@ -142,10 +151,10 @@ _ROLE_CONTENT = SharegptTags(role_tag="role", content_tag="content", user_tag="u
                              observation_tag="tool", function_tag="function_call")
 
 
-def _from_turns(record: dict[str, Any], source: SourceConfig, name: str, loc: Location, sharegpt: bool) -> Conversation:
-    field = _column(source, "conversations" if sharegpt else "messages")
-    if sharegpt and field not in record and _column(source, "messages") in record:
-        field = _column(source, "messages")
+def from_turns(record: dict[str, Any], source: SourceConfig, name: str, loc: Location, sharegpt: bool) -> Conversation:
+    field = field_column(source, "conversations" if sharegpt else "messages")
+    if sharegpt and field not in record and field_column(source, "messages") in record:
+        field = field_column(source, "messages")
     turns = record.get(field)
     if turns is None:
         raise DataFormatError("required field is missing", loc.with_field(field))
@@ -155,8 +164,8 @@ def _from_turns(record: dict[str, Any], source: SourceConfig, name: str, loc: Lo
     system = _text(record, source, "system", loc, required=False) if sharegpt else ""
     messages = _with_system(system, messages)
     _check_turn_order(messages, loc.with_field(field))
-    tools = record.get(_column(source, "tools"))
-    return Conversation(messages, name, loc, tools=_tools(tools, loc.with_field(_column(source, "tools"))))
+    tools = record.get(field_column(source, "tools"))
+    return Conversation(messages, name, loc, tools=_tools(tools, loc.with_field(field_column(source, "tools"))))
 
 
 def _turns(turns: list, tags: SharegptTags, field: str, loc: Location) -> list[dict[str, str]]:
@@ -184,7 +193,7 @@ def _turns(turns: list, tags: SharegptTags, field: str, loc: Location) -> list[d
     return messages
 
 
-def _tags_of(turns: Any, source: SourceConfig) -> SharegptTags:
+def tags_of(turns: Any, source: SourceConfig) -> SharegptTags:
     """sharegpt's tags when the turns are written `{from, value}` (the source's role_tag), else role/content."""
     first = turns[0] if isinstance(turns, list) and turns else turns
     return source.tags if isinstance(first, dict) and source.tags.role_tag in first else _ROLE_CONTENT
@@ -192,21 +201,21 @@ def _tags_of(turns: Any, source: SourceConfig) -> SharegptTags:
 
 def _prompt_turns(record: dict[str, Any], source: SourceConfig, loc: Location) -> list[dict[str, str]]:
     """The prompt of a preference pair: the turns before the answers, as messages ending with the user's."""
-    field = next((f for f in PROMPT_FIELDS if _column(source, f) in record), None)
+    field = next((f for f in PROMPT_FIELDS if field_column(source, f) in record), None)
     if field is None:
         raise MissingColumnError(f"a preference pair needs a prompt: one of {', '.join(PROMPT_FIELDS)}", loc,
                                  hint="name the prompt field with `columns:`, e.g. columns: {question: ask}")
-    column = _column(source, field)
+    column = field_column(source, field)
     value = record[column]
     if field == "instruction":  # LLaMA-Factory's alpaca ranking format
-        turns = _from_alpaca({**record, _column(source, "output"): "-"}, source, "", loc).messages[:-1]
+        turns = _from_alpaca({**record, field_column(source, "output"): "-"}, source, "", loc).messages[:-1]
         return turns
     if isinstance(value, str):
         if not value.strip():
             raise DataFormatError("the prompt is empty", loc.with_field(column))
         turns = [{"role": "user", "content": value}]
     elif isinstance(value, list) and value:
-        turns = _turns(value, _tags_of(value, source), column, loc)
+        turns = _turns(value, tags_of(value, source), column, loc)
     else:
         raise DataFormatError("expected the prompt as a text or a non-empty list of turns", loc.with_field(column))
     system = _text(record, source, "system", loc, required=False)
@@ -215,7 +224,7 @@ def _prompt_turns(record: dict[str, Any], source: SourceConfig, loc: Location) -
 
 def _answer_turns(record: dict[str, Any], source: SourceConfig, field: str, loc: Location) -> list[dict[str, str]]:
     """`chosen` or `rejected`: a text, one message, or a list of assistant messages."""
-    column = _column(source, field)
+    column = field_column(source, field)
     value = record.get(column)
     if value is None:
         raise DataFormatError("required field is missing", loc.with_field(column))
@@ -224,7 +233,7 @@ def _answer_turns(record: dict[str, Any], source: SourceConfig, field: str, loc:
     turns = [value] if isinstance(value, dict) else value
     if not isinstance(turns, list) or not turns:
         raise DataFormatError("expected a text, a message or a list of assistant messages", loc.with_field(column))
-    messages = _turns(turns, _tags_of(turns, source), column, loc)
+    messages = _turns(turns, tags_of(turns, source), column, loc)
     wrong = next((i for i, m in enumerate(messages) if m["role"] != "assistant"), None)
     if wrong is not None:
         raise DataFormatError(f"expected the assistant's answer, got a '{messages[wrong]['role']}' turn",
@@ -239,27 +248,9 @@ def _from_preference(record: dict[str, Any], source: SourceConfig, name: str, lo
     messages = prompt + chosen
     _check_turn_order(messages, loc)
     _check_turn_order(prompt + rejected, loc)
-    tools = record.get(_column(source, "tools"))
-    return Conversation(messages, name, loc, tools=_tools(tools, loc.with_field(_column(source, "tools"))),
+    tools = record.get(field_column(source, "tools"))
+    return Conversation(messages, name, loc, tools=_tools(tools, loc.with_field(field_column(source, "tools"))),
                         rejected=rejected)
-
-
-_LABELS = {True: True, False: False, "true": True, "false": False, "1": True, "0": False}  # 1 == True, 0 == False
-
-
-def _from_kto(record: dict[str, Any], source: SourceConfig, name: str, loc: Location) -> Conversation:
-    field = "conversations" if _column(source, "conversations") in record else "messages"
-    turns = record.get(_column(source, field))
-    conv = _from_turns(record, source, name, loc, sharegpt=_tags_of(turns, source) is source.tags)
-    column = _column(source, "label")
-    value = record.get(column)
-    label = _LABELS.get(value.strip().lower() if isinstance(value, str) else value) \
-        if isinstance(value, (bool, int, str)) else None
-    if label is None:
-        raise DataFormatError(f"expected a boolean label (true: the last answer is desirable), got {value!r:.40}",
-                              loc.with_field(column))
-    conv.label = label
-    return conv
 
 
 def _tools(value: Any, loc: Location) -> list | None:
@@ -295,13 +286,24 @@ def _check_turn_order(messages: list[dict[str, str]], loc: Location) -> None:
         raise DataFormatError("the last turn must be the assistant's (nothing to learn from otherwise)", loc)
 
 
-_CONVERTERS: dict[str, Callable[..., Conversation]] = {
-    "alpaca": _from_alpaca,
-    "qa": _pair("question", "answer"),
-    "input_target": _pair("input", "target"),
-    "sharegpt": lambda r, s, n, l: _from_turns(r, s, n, l, sharegpt=True),
-    "messages": lambda r, s, n, l: _from_turns(r, s, n, l, sharegpt=False),
-    "text": _from_text,
-    "preference": _from_preference,
-    "kto": _from_kto,
-}
+def _recognise_sharegpt(present: set[str], record: dict[str, Any], source: SourceConfig) -> bool:
+    """`conversations`, or `messages` whose turns are written with the source's sharegpt role tag."""
+    if "conversations" in present:
+        return True
+    turns = record[field_column(source, "messages")] if "messages" in present else None
+    first = turns[0] if isinstance(turns, list) and turns else {}
+    return isinstance(first, dict) and source.tags.role_tag in first
+
+
+PREFERENCE = RecordFormat("preference", ("chosen", "rejected"),
+                          ("question", "prompt", "messages", "conversations", "instruction", "input", "system",
+                           "history", "tools"), _from_preference)
+SHAREGPT = RecordFormat("sharegpt", ("conversations",), ("system", "tools"),
+                        lambda r, s, n, l: from_turns(r, s, n, l, sharegpt=True), _recognise_sharegpt,
+                        either_turn_field=True)
+MESSAGES = RecordFormat("messages", ("messages",), ("tools",),
+                        lambda r, s, n, l: from_turns(r, s, n, l, sharegpt=False))
+ALPACA = RecordFormat("alpaca", ("instruction", "output"), ("input", "system", "history"), _from_alpaca)
+QA = RecordFormat("qa", ("question", "answer"), ("system",), _pair("question", "answer"))
+INPUT_TARGET = RecordFormat("input_target", ("input", "target"), ("system",), _pair("input", "target"))
+TEXT = RecordFormat("text", ("text",), (), _from_text)

@@ -13,7 +13,9 @@ fingerprint) and is not empty, or a data folder that also holds other files, is 
 naming the files, before anything is written.
 
 `prepare(config)` is the CLI's entry point; `prepare_or_reuse(config, tokenizer)` the train stage's,
-with the tokenizer it has loaded already (one load per model).
+with the tokenizer it has loaded already (one load per model). Which records are accepted and how
+they become rows is the training stage's (`samples`, a `SampleBuilder`: by default the plug-in of
+train.stage); this stage reads, cleans, splits and writes the same way for all.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from qatune.runtime import Runtime
 if TYPE_CHECKING:
     from datasets import Dataset
 
+    from qatune.data.samples import SampleBuilder
     from qatune.data.templates import ChatTemplate
 
 DATASET_DIR = "dataset"
@@ -71,6 +74,7 @@ class PreparePlan:
     # output_dir holds an earlier dataset that `run` replaces: a qatune data folder (data.output_dir)
     # holding only qatune's files; anything else was refused in `plan`.
     replaces: bool
+    samples: "SampleBuilder"  # the training stage's records -> rows
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class PrepareComponents:
     started: float
     tokenizer: Any = None
     template: "ChatTemplate | None" = None
+    samples: "SampleBuilder | None" = None
     loaded: LoadedData | None = None
     reused: PreparedData | None = None  # with plan.reuse, the dataset read back
 
@@ -132,7 +137,8 @@ def decorate(convs: list[Conversation], data: DataConfig, tag: bool) -> None:
 # The recipe
 
 
-def plan(config: QatuneConfig, runtime: Runtime, write: bool = True, reuse: bool = False) -> PreparePlan:
+def plan(config: QatuneConfig, runtime: Runtime, samples: "SampleBuilder", write: bool = True,
+         reuse: bool = False) -> PreparePlan:
     """Check the model and every source, fingerprint the inputs, decide reuse. Reads only; loads nothing.
     `reuse`: read back the dataset in data.output_dir when its fingerprint is this one."""
     from qatune.models import locate_model
@@ -148,14 +154,13 @@ def plan(config: QatuneConfig, runtime: Runtime, write: bool = True, reuse: bool
     if write and not reusable:
         refuse_foreign_files(out)
     return PreparePlan(config, runtime, out, write, digest, reusable, replaces=write and not reusable and
-                       written is not None)
+                       written is not None, samples=samples)
 
 
 def setup(plan: PreparePlan, tokenizer: Any = None) -> PrepareComponents:
     """The tokenizer (`tokenizer` when the caller loaded it already) and the cleaned records; with
     plan.reuse, the dataset read back instead."""
     from qatune.data.sources import load
-    from qatune.data.templates import stage_template
     from qatune.models import load_tokenizer
 
     started = time.perf_counter()
@@ -163,8 +168,8 @@ def setup(plan: PreparePlan, tokenizer: Any = None) -> PrepareComponents:
         return PrepareComponents(started, reused=load_prepared(plan.output_dir))
     config = plan.config
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
-    template = stage_template(tokenizer, config.data.template, config.train.stage)
-    return PrepareComponents(started, tokenizer, template, load(config.data))
+    template = plan.samples.template(tokenizer, config.data)
+    return PrepareComponents(started, tokenizer, template, plan.samples, load(config.data))
 
 
 def run(plan: PreparePlan, components: PrepareComponents) -> PreparedData:
@@ -203,19 +208,28 @@ def run(plan: PreparePlan, components: PrepareComponents) -> PreparedData:
     return prepared
 
 
-def prepare(config: QatuneConfig, runtime: Runtime | None = None, write: bool = True) -> PreparedData:
-    """Run the whole data stage and (by default) write dataset, report, drops, histogram."""
-    recipe_plan = plan(config, runtime or Runtime.detect(), write)
+def prepare(config: QatuneConfig, runtime: Runtime | None = None, write: bool = True,
+            samples: "SampleBuilder | None" = None) -> PreparedData:
+    """Run the whole data stage and (by default) write dataset, report, drops, histogram. `samples`: the
+    rows' maker, by default the plug-in of train.stage."""
+    recipe_plan = plan(config, runtime or Runtime.detect(), samples or _stage_samples(config), write)
     return run(recipe_plan, setup(recipe_plan))
 
 
-def prepare_or_reuse(config: QatuneConfig, tokenizer: Any = None,
-                     runtime: Runtime | None = None) -> tuple[PreparedData, bool]:
+def prepare_or_reuse(config: QatuneConfig, tokenizer: Any = None, runtime: Runtime | None = None,
+                     samples: "SampleBuilder | None" = None) -> tuple[PreparedData, bool]:
     """The prepared dataset in data.output_dir when its inputs are unchanged, else a fresh `prepare`
     (with `tokenizer` if given): a second training run on the same data does not tokenize it again.
     Returns (data, reused)."""
-    recipe_plan = plan(config, runtime or Runtime.detect(), reuse=True)
+    recipe_plan = plan(config, runtime or Runtime.detect(), samples or _stage_samples(config), reuse=True)
     return run(recipe_plan, setup(recipe_plan, tokenizer)), recipe_plan.reuse
+
+
+def _stage_samples(config: QatuneConfig) -> "SampleBuilder":
+    """The training stage named by train.stage: it says which records it takes and the rows it makes."""
+    from qatune import plugins
+
+    return plugins.load("stage", config.train.stage)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,30 +307,12 @@ def _written_fingerprint(out: Path) -> str | None:
 
 def _tokenize(convs: dict[str, list[Conversation]], config: QatuneConfig,
               components: PrepareComponents) -> dict[str, list[dict[str, Any]]]:
-    """Token rows per split (validation only when it has records): chat samples, or pt's packed text."""
-    from qatune.data.samples import (
-        PREFERENCE_STAGES,
-        chat_rows,
-        check_plain_text,
-        check_stage_fits,
-        packed_rows,
-        preference_rows,
-    )
-
-    data, tokenizer, stage, log = config.data, components.tokenizer, config.train.stage, components.loaded.log
-    if stage == "pt":
-        check_plain_text(convs["train"] + convs["validation"])
-    else:
-        check_stage_fits(convs["train"] + convs["validation"], stage)
-
-    def rows(group: list[Conversation]) -> list[dict[str, Any]]:
-        if stage == "pt":
-            return packed_rows(group, tokenizer, data.max_length)
-        if stage in PREFERENCE_STAGES:
-            return preference_rows(group, tokenizer, components.template, data, log, stage)
-        return chat_rows(group, tokenizer, components.template, data, log)
-
-    return {name: rows(group) for name, group in convs.items() if name == "train" or group}
+    """Token rows per split (validation only when it has records), as the training stage makes them."""
+    samples = components.samples
+    samples.check_records(convs["train"] + convs["validation"])
+    return {name: samples.make_rows(group, components.tokenizer, components.template, config.data,
+                                    components.loaded.log)
+            for name, group in convs.items() if name == "train" or group}
 
 
 def _prepared(output_dir: Path, splits: dict[str, list[dict[str, Any]]], report: dict[str, Any]) -> PreparedData:

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from qatune.config import SharegptTags, SourceConfig
+from qatune.data.formats import record_formats
 from qatune.data.readers import REGISTRY_FILE
 from qatune.errors import DataError, Location
 
@@ -70,8 +71,10 @@ def _entry_to_source(registry: dict, name: str, info_path: Path, base: SourceCon
         raise DataError(f"columns {unsupported} are not supported (text data only)", loc)
     formatting = entry.get("formatting", "alpaca")
     extra = {k: v for k, v in columns.items() if k in _RANKING_COLUMNS} if ranking else {}
-    if "kto_tag" in columns:
-        extra["label"] = columns["kto_tag"]
+    # A format that a dataset_info column marks (LLaMA-Factory's kto_tag: a conversation with a label)
+    tagged = next((f for f in record_formats().values() if f.dataset_info_column in columns), None)
+    if tagged is not None:
+        extra["label"] = columns[tagged.dataset_info_column]
     if formatting == "alpaca":
         if set(columns) == {"prompt"}:  # LLaMA-Factory's pre-training sets: the prompt column is the text
             fmt, mapped = "text", {"text": columns["prompt"]}
@@ -83,8 +86,8 @@ def _entry_to_source(registry: dict, name: str, info_path: Path, base: SourceCon
         raise DataError(f"unknown formatting {formatting!r}; expected alpaca or sharegpt", loc)
     if ranking:
         fmt = "preference"
-    elif "label" in extra:  # LLaMA-Factory's KTO sets: a conversation and its kto_tag
-        fmt = "kto"
+    elif tagged is not None:
+        fmt = tagged.name
     mapped.update(extra)
     tags = SharegptTags(**{k: v for k, v in (entry.get("tags") or {}).items() if k in SharegptTags.model_fields})
     return SourceConfig(

@@ -1,15 +1,16 @@
-"""Conversations -> token rows: chat samples for sft (template, labels, length limit), packed
-plain-text blocks for continued pre-training (pt), and preference rows (dpo/orpo/simpo pairs, kto's
-labelled answers). Rows are plain dicts until `to_dataset`."""
+"""Conversations -> token rows: chat samples (template, labels, length limit), packed plain-text blocks
+for continued pre-training, and preference rows (a prompt and its answers). Which builder a dataset
+uses is the training stage's choice (`qatune.train.stages`): nothing here knows a stage by name.
+Rows are plain dicts until `to_dataset`."""
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from qatune.config import DataConfig
 from qatune.data.records import CONTROL_TOKEN, TOO_LONG, Conversation, DropLog
-from qatune.errors import DataError
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -17,7 +18,20 @@ if TYPE_CHECKING:
     from qatune.data.templates import ChatTemplate
 
 COLUMNS = ("input_ids", "labels", "length", "truncated", "source", "location", "messages", "tools")
-PREFERENCE_STAGES = ("dpo", "kto", "orpo", "simpo")  # train.stage values whose data is preference rows
+# A preference row from (prompt, chosen answer turns, rejected answer turns or None, label or None, the shared
+# fields): the stage decides its columns (pairs, or answers with a label).
+PreferenceRow = Callable[[list, list, "list | None", "bool | None", dict[str, Any]], list[dict[str, Any]]]
+
+
+class SampleBuilder(Protocol):
+    """What the data stage asks of the training stage it prepares for (`qatune.train.stages.base.TrainingStage`)."""
+
+    def template(self, tokenizer: Any, data_cfg: DataConfig) -> "ChatTemplate": ...
+
+    def check_records(self, convs: list[Conversation]) -> None: ...
+
+    def make_rows(self, convs: list[Conversation], tokenizer: Any, template: "ChatTemplate", data: DataConfig,
+                  log: DropLog) -> list[dict[str, Any]]: ...
 
 
 def chat_rows(convs: list[Conversation], tokenizer: Any, template: "ChatTemplate", data: DataConfig,
@@ -48,15 +62,6 @@ def chat_rows(convs: list[Conversation], tokenizer: Any, template: "ChatTemplate
                 "tools": json.dumps(conv.tools, ensure_ascii=False) if conv.tools else "",
             })
     return rows
-
-
-def check_plain_text(convs: list[Conversation]) -> None:
-    """Continued pre-training reads documents, not conversations: a Q&A record there is a mistake."""
-    for conv in convs:
-        if not conv.is_text:
-            raise DataError("train.stage=pt trains on plain text, and this record is a conversation", conv.location,
-                            hint="give pt sources of format text ({\"text\": ...} records, .txt or .md files), "
-                                 "or set train.stage=sft")
 
 
 def packed_rows(convs: list[Conversation], tokenizer: Any, max_length: int, batch: int = 256) -> list[dict[str, Any]]:
@@ -90,29 +95,18 @@ def packed_rows(convs: list[Conversation], tokenizer: Any, max_length: int, batc
     return rows
 
 
-def check_stage_fits(convs: list[Conversation], stage: str) -> None:
-    """Preference records go to preference stages, and those stages need them: a mismatch names the record."""
-    for conv in convs:
-        paired, labelled = conv.rejected is not None, conv.label is not None
-        if stage not in PREFERENCE_STAGES and (paired or labelled):
-            raise DataError(f"train.stage={stage} trains on conversations, and this record is "
-                            f"{'a preference pair' if paired else 'a KTO example (label)'}", conv.location,
-                            hint="set train.stage=dpo (or orpo, simpo; kto for labelled answers), or give "
-                                 "chosen answers as plain conversations")
-        if stage in PREFERENCE_STAGES and not paired and not (labelled and stage == "kto"):
-            what = "chosen and rejected answers" + (" or a label" if stage == "kto" else "")
-            raise DataError(f"train.stage={stage} needs {what}, and this record has none", conv.location,
-                            hint="give {question|prompt|messages, chosen, rejected} records"
-                                 + (" or {messages, label}" if stage == "kto" else "")
-                                 + "; `qatune data feedback` makes them from a scored review sheet")
+def paired_row(prompt: list, chosen: list, rejected: list | None, label: bool | None,
+               common: dict[str, Any]) -> list[dict[str, Any]]:
+    """A (prompt, chosen, rejected) row, as TRL's pairwise trainers read it."""
+    return [{"prompt": prompt, "chosen": chosen, "rejected": rejected, **common}]
 
 
 def preference_rows(convs: list[Conversation], tokenizer: Any, template: "ChatTemplate", data: DataConfig,
-                    log: DropLog, stage: str) -> list[dict[str, Any]]:
-    """Rows TRL's trainers read: the prompt's messages and the answers after it (`chosen`/`rejected`, or for
-    kto `completion` with its `label`: a pair gives one desirable and one undesirable row). TRL renders them with
-    the training template and masks the prompt as sft does; here each is measured with that template, and one
-    whose prompt leaves less than a quarter of max_length for the answer is counted as too long, like sft's."""
+                    log: DropLog, make_row: PreferenceRow = paired_row) -> list[dict[str, Any]]:
+    """Rows TRL's trainers read: the prompt's messages and the answers after it, laid out by `make_row`. TRL
+    renders them with the training template and masks the prompt as sft does; here each is measured with that
+    template, and one whose prompt leaves less than a quarter of max_length for the answer is counted as too
+    long, like sft's."""
     from qatune.data.templates import control_token_in, control_tokens, render
 
     pattern = control_tokens(tokenizer)
@@ -137,14 +131,7 @@ def preference_rows(convs: list[Conversation], tokenizer: Any, template: "ChatTe
                   "answer_tokens": sum(len(ids) for ids in answer_ids),
                   "source": conv.source, "location": str(conv.location), "messages": conv.messages,
                   "tools": json.dumps(conv.tools, ensure_ascii=False) if conv.tools else ""}
-        if stage != "kto":
-            rows.append({"prompt": prompt, "chosen": chosen, "rejected": conv.rejected, **common})
-        elif conv.rejected is None:
-            rows.append({"prompt": prompt, "completion": chosen, "label": conv.label, **common})
-        else:  # a pair is one desirable and one undesirable example (TRL's unpairing)
-            rows += [{"prompt": prompt, "completion": chosen, "label": True, **common},
-                     {"prompt": prompt, "completion": conv.rejected, "label": False, **common,
-                      "messages": prompt + conv.rejected}]
+        rows += make_row(prompt, chosen, conv.rejected, conv.label, common)
     return rows
 
 

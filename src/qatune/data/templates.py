@@ -97,20 +97,6 @@ def resolve_template(tokenizer: "PreTrainedTokenizerBase", name: str = "auto") -
     return ChatTemplate(label, source, end_of_turn, eot_id)
 
 
-def stage_template(tokenizer: "PreTrainedTokenizerBase", name: str, stage: str) -> ChatTemplate:
-    """The template of a training stage. `sft`: `resolve_template`. `pt` renders no template (a base model
-    may have none): its documents end with eos, which is also where generation stops; the model's own
-    template, if any, is kept for a later sft stage. Every other stage (distill, preference) trains on
-    conversations, with sft's template."""
-    if stage != "pt" or name != "auto":
-        return resolve_template(tokenizer, name)
-    if tokenizer.eos_token is None:
-        raise TemplateError(f"the tokenizer of {tokenizer.name_or_path!r} has no eos token to end documents with",
-                            hint="continued pre-training (train.stage=pt) needs a tokenizer with an eos_token")
-    source = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
-    return ChatTemplate("none (pt)", source, tokenizer.eos_token, tokenizer.eos_token_id)
-
-
 def render(tokenizer: "PreTrainedTokenizerBase", template: str, messages: list[dict[str, str]],
            add_generation_prompt: bool = False, tools: list | None = None) -> str:
     """Render like `apply_chat_template(tokenize=False)`, with a template given as source."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qatune.config import QatuneConfig
@@ -13,7 +12,6 @@ from qatune.train.checkpoints import TrainError
 if TYPE_CHECKING:
     from qatune.runtime import Runtime
 
-PRESETS = Path(__file__).parent / "presets"  # DeepSpeed configs, one per train.distributed value
 REPORTER_PACKAGES = {"tensorboard": ("tensorboardX", "tensorboard"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
 
 
@@ -69,33 +67,14 @@ def check_optimizer(optimizer: str, device: str) -> None:
             raise TrainError(problem[0], hint=f"{problem[1]}; or use train.optimizer=adamw_torch")
 
 
-def check_distributed(engine: str, device: str) -> None:
-    """FSDP and DeepSpeed shard over CUDA GPUs; refuse them elsewhere before loading anything."""
-    if engine == "ddp":
-        return
-    if device != "cuda":
-        raise TrainError(f"train.distributed={engine} shards the model over CUDA GPUs; this machine has none",
-                         hint="use train.distributed=ddp (data parallel, also on CPUs with the gloo backend)")
-    if engine.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
-        raise TrainError(f"train.distributed={engine} needs the deepspeed package", hint="pip install deepspeed")
-
-
-def distributed_arguments(engine: str, decoder_layers: list[str]) -> dict[str, Any]:
-    """TrainingArguments for `train.distributed` (plain DDP needs none: torchrun's environment is enough)."""
-    if engine == "fsdp":
-        return {"fsdp": "full_shard auto_wrap",
-                "fsdp_config": {"transformer_layer_cls_to_wrap": decoder_layers, "use_orig_params": True}}
-    if engine.startswith("deepspeed"):
-        return {"deepspeed": str(PRESETS / f"{engine}.json")}
-    return {}
-
-
 def training_arguments(config: QatuneConfig, precision: str, runtime: "Runtime", train_samples: int,
                        has_eval: bool, decoder_layers: list[str] | None = None, arguments_class: type | None = None,
                        **stage_arguments: Any) -> Any:
     """Map qatune's train section onto transformers.TrainingArguments (one place, documented defaults), or onto
     a stage's subclass of it (`arguments_class`, e.g. TRL's DPOConfig) with that stage's own `stage_arguments`."""
     from transformers import TrainingArguments
+
+    from qatune.train.distributed import backend
 
     arguments_class = arguments_class or TrainingArguments
 
@@ -130,5 +109,5 @@ def training_arguments(config: QatuneConfig, precision: str, runtime: "Runtime",
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False, disable_tqdm=True, dataloader_pin_memory=device == "cuda",
         ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient; searching costs a pass
-        **distributed_arguments(cfg.distributed, decoder_layers or []),
+        **backend(cfg.distributed).training_arguments(decoder_layers or []),
     ) | stage_arguments)  # a stage's own arguments win (KTO needs its own batch order)

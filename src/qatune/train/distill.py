@@ -149,31 +149,6 @@ class DistillTrainer(QatuneTrainer):
         return super().compute_loss(model, inputs, *args, **kwargs)
 
 
-def check_distill(config: QatuneConfig, world_size: int) -> None:
-    """Plan-time checks: a student that differs from its teacher, a method that saves a pruned student, an
-    output layer the chunked loss can reach."""
-    from qatune.train.fast_paths import SHARDED_ENGINES
-    from qatune.train.methods import ADAPTER_METHODS
-
-    cfg = config.distill
-    if cfg.teacher is None and cfg.student_layers is None:
-        raise DistillError("train.stage=distill with neither distill.teacher nor distill.student_layers: the "
-                           "student would be its own teacher",
-                           hint="set distill.teacher=PATH (a larger model), or distill.student_layers=N to cut "
-                                "the student from `model`")
-    if cfg.student_layers is not None and config.method.name in ADAPTER_METHODS:
-        raise DistillError(f"distill.student_layers makes a new, smaller model, and method {config.method.name} "
-                           "would save only an adapter for it (its base exists nowhere)",
-                           hint="use method.name=full (or freeze): the student is saved as a whole model")
-    if not config.train.chunked_loss:
-        raise DistillError("train.stage=distill computes its loss chunked over the answer tokens; "
-                           "train.chunked_loss=false leaves it nothing to compute with",
-                           hint="drop train.chunked_loss=false")
-    if world_size > 1 and config.train.distributed in SHARDED_ENGINES:
-        raise DistillError(f"train.stage=distill with train.distributed={config.train.distributed}: the sharded "
-                           "output layer is out of reach of the chunked loss", hint="use train.distributed=ddp")
-
-
 def teacher_config(config: QatuneConfig) -> ModelConfig:
     """The teacher's model section: distill.teacher, else `model` itself."""
     if config.distill.teacher is None:

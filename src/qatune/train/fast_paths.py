@@ -4,13 +4,11 @@ train.lean_dropout, decided where they apply and held only while the Trainer run
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from qatune.config import QatuneConfig
-
-SHARDED_ENGINES = ("fsdp", "deepspeed_zero3", "deepspeed_zero3_offload")
 
 
 @dataclass
@@ -21,6 +19,7 @@ class FastPaths:
     lean_dropout: bool  # LoRA dropout swapped for LeanDropout while training (CPU)
     mixed_precision: bool
     summary: str
+    model_patches: tuple[AbstractContextManager[None], ...] = ()  # a stage's own, entered while the Trainer runs
 
     @contextmanager
     def training(self, model: Any) -> Iterator[None]:
@@ -37,6 +36,8 @@ class FastPaths:
             # peft casts each LoRA input to the adapter's fp32 and autocast casts it back to bf16 for the
             # product: under mixed precision both copies are waste (same values, measured ~2% of a step).
             stack.enter_context(input_casts_off(model, active=self.mixed_precision))
+            for patch in self.model_patches:
+                stack.enter_context(patch)
             yield
 
 
@@ -47,6 +48,7 @@ def decide_fast_paths(config: QatuneConfig, model: Any, device: str, dtype: Any,
 
     from qatune.train.attention import padding_free_implementation
     from qatune.train.collator import PackingCollator, PaddingCollator
+    from qatune.train.distributed import backend
     from qatune.train.dropout import plain_lora_dropouts
     from qatune.train.loss import LabelledCrossEntropy, plain_output_layer
 
@@ -54,7 +56,7 @@ def decide_fast_paths(config: QatuneConfig, model: Any, device: str, dtype: Any,
     # Prefix tuning prepends virtual keys to every row: the samples of a row would share them.
     padding_free = cfg.padding_free and config.method.name != "prefix"
     # FSDP and ZeRO-3 hold the output layer in shards outside the forward pass.
-    sharded = processes > 1 and cfg.distributed in SHARDED_ENGINES
+    sharded = processes > 1 and backend(cfg.distributed).shards_model
     output_layer = plain_output_layer(model) if cfg.chunked_loss and not sharded else None
     parts = [f"padding-free rows ({padding_free_implementation(device)} attention)" if padding_free else
              "padded batches" + (" (prefix tuning pads)" if cfg.padding_free else "")]

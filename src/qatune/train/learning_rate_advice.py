@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from qatune import plugins
 from qatune.config.train import TrainConfig
 from qatune.train.methods import LORA_METHODS
 
@@ -29,8 +30,6 @@ if TYPE_CHECKING:
 BILLION = 1_000_000_000
 LARGE_MODEL = 20 * BILLION  # between QLoRA's 13B (2e-4) and 33B (1e-4)
 SPREAD = 2.5  # a learning rate within 2.5x of the suggested one is the same choice (one sweep step: 2e-4 -> 5e-4)
-CHECKED_STAGES = ("sft",)  # the measured and cited values are SFT values
-PREFERENCE_STAGES = ("dpo", "kto", "orpo", "simpo")
 FULL_METHODS = ("full", "freeze")
 
 
@@ -78,15 +77,17 @@ def preference_learning_rate(method: str) -> Suggestion | None:
 
 def learning_rate_warning(method: str, stage: str, learning_rate: float, parameters: int | None) -> str | None:
     """A warning when `learning_rate` is more than SPREAD times off the one suggested for this model size (for
-    preference stages: more than SPREAD times above the usual rate)."""
-    if stage in PREFERENCE_STAGES:
+    preference stages: more than SPREAD times above the usual rate). The stage's plug-in says which advice applies
+    (`learning_rate_advice`: the measured and cited values are SFT values)."""
+    advice = plugins.load("stage", stage).learning_rate_advice
+    if advice == "preference":
         suggestion = preference_learning_rate(method)
         if suggestion is None or learning_rate <= suggestion.learning_rate * SPREAD:
             return None
         return (f"train.learning_rate={rate(learning_rate)} looks high for {stage} with method {method}: "
                 f"{rate(suggestion.learning_rate)} is {suggestion.source}; set "
                 f"train.learning_rate={rate(suggestion.learning_rate)}")
-    if parameters is None or stage not in CHECKED_STAGES:
+    if parameters is None or advice != "sft":
         return None
     suggestion = suggested_learning_rate(method, parameters)
     if suggestion is None:
@@ -106,8 +107,9 @@ def plan_warnings(config: QatuneConfig) -> list[str]:
     from qatune.models import parameter_count
 
     stage, method = config.train.stage, config.method.name
-    if stage not in CHECKED_STAGES + PREFERENCE_STAGES or method not in LORA_METHODS + FULL_METHODS:
+    advice = plugins.load("stage", stage).learning_rate_advice
+    if advice is None or method not in LORA_METHODS + FULL_METHODS:
         return []  # nothing to say: do not read the model's config
-    parameters = parameter_count(config.model) if stage in CHECKED_STAGES else None  # preference: size-free
+    parameters = parameter_count(config.model) if advice == "sft" else None  # preference: size-free
     warning = learning_rate_warning(method, stage, config.train.learning_rate, parameters)
     return [warning] if warning else []

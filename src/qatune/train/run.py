@@ -33,12 +33,7 @@ from qatune.config import QatuneConfig
 from qatune.recipe import execute
 from qatune.train import learning_rate_advice
 from qatune.train import report as train_report
-from qatune.train.arguments import (
-    check_distributed,
-    check_optimizer,
-    check_reporter,
-    resolve_precision,
-)
+from qatune.train.arguments import check_optimizer, check_reporter, resolve_precision
 from qatune.train.checkpoints import (
     CONFIG_FILE,
     OutputDecision,
@@ -48,20 +43,10 @@ from qatune.train.checkpoints import (
     delete_earlier_run,
     delete_training_args_pickle,
 )
-from qatune.train.distill_stage import DISTILL_STAGE
-from qatune.train.preference import PREFERENCE_STAGES
-from qatune.train.stages import TrainingStage
 
 if TYPE_CHECKING:
     from qatune.runtime import Runtime
-
-# Every stage by its `train.stage` name.
-TRAINING_STAGES: dict[str, TrainingStage] = {
-    "sft": TrainingStage("sft", answers_questions=True),
-    "pt": TrainingStage("pt", answers_questions=False),
-    **PREFERENCE_STAGES,
-    "distill": DISTILL_STAGE,
-}
+    from qatune.train.stages.base import TrainingStage
 
 __all__ = ["TrainCompleted", "TrainError", "TrainInterrupted", "TrainPlan", "TrainResult", "TrainWorkerDone",
            "complete_checkpoints", "plan", "run", "setup", "train"]
@@ -100,7 +85,7 @@ TrainResult = TrainCompleted | TrainInterrupted | TrainWorkerDone
 class TrainPlan:
     config: QatuneConfig
     runtime: "Runtime"
-    stage: TrainingStage
+    stage: "TrainingStage"
     precision: str  # bf16, fp16 or fp32
     output: OutputDecision
     callbacks: tuple[Any, ...] = ()  # extra transformers TrainerCallbacks (`qatune tune` prunes through one)
@@ -127,24 +112,24 @@ class TrainComponents:
 
 
 def plan(config: QatuneConfig, runtime: "Runtime", callbacks: Sequence[Any] = ()) -> TrainPlan:
-    """Every check that needs no weights, and what will happen to train.output_dir."""
+    """What this machine and the disk allow (the config's own rules ran in `load_config`), and what will happen to
+    train.output_dir. Reads no weights."""
+    from qatune import plugins
     from qatune.data.prepare import refuse_unless_data_folder
+    from qatune.train.distributed import backend
     from qatune.train.methods import check_method_here
 
     cfg = config.train
     check_method_here(config.method, runtime.device)
-    check_distributed(cfg.distributed, runtime.device)
+    backend(cfg.distributed).check(runtime.device)
     check_optimizer(cfg.optimizer, runtime.device)
     precision, warning = resolve_precision(cfg.precision, runtime)
     if warning:
         runtime.console.print(f"[yellow]{warning}[/yellow]")
     check_reporter(cfg.report_to)
-    if cfg.early_stopping_patience and not config.data.eval_sources and config.data.val_size == 0:
-        raise TrainError("train.early_stopping_patience needs eval data, and this dataset has none",
-                         hint="set data.val_size above 0 or add data.eval_sources")
     output = decide_output_dir(config, runtime.world_size)
     refuse_unless_data_folder(Path(config.data.output_dir))  # the data stage's own plan checks the rest
-    stage = TRAINING_STAGES[cfg.stage]
+    stage = plugins.load("stage", cfg.stage)
     stage.check(config, runtime)
     for advice in learning_rate_advice.plan_warnings(config):  # the model's size calls for another value
         runtime.console.print(f"[yellow]{advice}[/yellow]")
@@ -180,7 +165,7 @@ def setup(plan: TrainPlan) -> TrainComponents:
     from qatune.data.prepare import prepare_or_reuse
     from qatune.models import load_tokenizer
     from qatune.train.methods import apply_method, count_parameters, load_for_method
-    from qatune.train.stages import TrainerInputs
+    from qatune.train.stages.base import TrainerInputs
     from qatune.train.trainer import FlowControl, ProgressBar
 
     config, runtime, cfg = plan.config, plan.runtime, plan.config.train
@@ -191,7 +176,7 @@ def setup(plan: TrainPlan) -> TrainComponents:
         if runtime.main:
             delete_earlier_run(plan.output)
         tokenizer = load_tokenizer(config.model)
-        data, reused = prepare_or_reuse(config, tokenizer, runtime)
+        data, reused = prepare_or_reuse(config, tokenizer, runtime, samples=plan.stage)
     console.print(f"Data: {len(data.train)} train / {len(data.validation or [])} eval samples "
                   f"({'reused' if reused else 'prepared'} in {data.output_dir})")
     template = plan.stage.template(tokenizer, config.data)
@@ -222,13 +207,7 @@ def run(plan: TrainPlan, c: TrainComponents) -> TrainResult:
     import torch
 
     from qatune.infer.generation import save_generation_config
-    from qatune.train.outputs import (
-        answer_previews,
-        peak_memory,
-        preview_rows,
-        replica_checksums,
-        write_report,
-    )
+    from qatune.train.outputs import answer_previews, build_report, preview_rows, replica_checksums, write_report
 
     config, runtime, cfg = plan.config, plan.runtime, plan.config.train
     started = time.perf_counter()
@@ -279,33 +258,11 @@ def run(plan: TrainPlan, c: TrainComponents) -> TrainResult:
     answer_previews(unwrapped, c.tokenizer, c.template, preview, config.eval.decoding, config.eval.batch_size,
                     "tuned")
 
-    from qatune.compat.transformers import tokens_seen_this_run
-
     log = state.log_history
-    tokens = tokens_seen_this_run(c.trainer)
-    seconds = output.metrics.get("train_runtime", 0.0)
-    report = {
-        "qatune_version": __version__, "method": config.method.name, "model": config.model.name_or_path,
-        "stage": plan.stage.name, "device": runtime.device, "precision": plan.precision,
-        "trainable_parameters": c.parameters.trainable, "total_parameters": c.parameters.total,
-        "train_samples": len(c.trainer.train_dataset),
-        "eval_samples": len(c.trainer.eval_dataset) if c.trainer.eval_dataset is not None else 0,
-        "data_reused": c.data_reused, "resumed_from": str(resume) if resume else None,
-        "global_step": state.global_step, "epochs": state.epoch or 0.0,
-        "stopped_early": state.global_step < state.max_steps,
-        **train_report.eval_summary(log),
-        # (step, loss) points: eval's diagnosis reads the curves' shape (still falling, overfitting)
-        "loss_history": {"train": train_report.train_points(log), "eval": train_report.eval_points(log)},
-        **plan.stage.report(log),
-        "final_train_loss": next((e["loss"] for e in reversed(log) if "loss" in e), None),
-        "best_checkpoint": state.best_model_checkpoint,
-        "tokens_seen": tokens, "tokens_per_s": tokens / seconds if seconds else 0.0,
-        "train_time_s": seconds, "wall_time_s": time.perf_counter() - started,
-        "peak_memory_mib": peak_memory(runtime.device),
-        "processes": c.processes.num_processes, "distributed": cfg.distributed if several else None,
-        "replica_checksums": replicas, "replicas_identical": len(set(replicas)) == 1 if replicas else None,
-        "preview": [{k: row[k] for k in ("question", "reference", "base", "tuned")} for row in preview],
-    }
+    report = build_report(config, plan.stage.name, plan.precision, runtime.device, c.trainer, c.parameters,
+                          data_reused=c.data_reused, resumed_from=resume, stage_metrics=plan.stage.report(log),
+                          processes=c.processes.num_processes, replicas=replicas, preview=preview,
+                          train_seconds=output.metrics.get("train_runtime", 0.0), started=started)
     with atomic.atomic_path(out / train_report.LOSS_PLOT_FILE) as plot:
         train_report.save_loss_plot(log, plot, f"{config.method.name} on {config.model.name_or_path}",
                                     plan.stage.plot_series(log))

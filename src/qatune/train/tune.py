@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 from qatune import files as atomic
 from qatune.config import QatuneConfig, TuneConfig
 from qatune.config.root import mask_url_password
-from qatune.errors import QatuneError
 from qatune.recipe import execute
 from qatune.train.methods import LORA_METHODS
 
@@ -36,10 +35,6 @@ SUMMARY_FILE = "tune_summary.json"
 HISTORY_PLOT_FILE = "optimization_history.png"
 DATABASE_FILE = "study.db"
 TRIAL_PREFIX = "trial-"
-
-
-class TuneError(QatuneError):
-    """The search cannot start."""
 
 
 @dataclass
@@ -64,8 +59,11 @@ class TunePlan:
 
 
 def plan(config: QatuneConfig, runtime: "Runtime") -> TunePlan:
-    """Check the search space against the config; decide the folder and the study's storage."""
-    _check(config)
+    """Check the search space against the config (`qatune.config.rules`); decide the folder and the study's
+    storage."""
+    from qatune.config import rules
+
+    rules.check(config, "tune")
     return TunePlan(config, runtime, Path(config.tune.output_dir), storage_url(config.tune))
 
 
@@ -135,7 +133,8 @@ def run(plan: TunePlan, study: "optuna.Study") -> TuneResult:
             _requeue(study, trial)
             interrupted = True
             break
-        value = result.report.get("best_eval_loss")
+        losses = result.report.eval_loss  # None without eval data, which the plan refuses
+        value = losses.best_eval_loss if losses is not None else None
         study.tell(trial, value)
         console.print(f"trial {trial.number}: best eval loss {value:.4f}")
     summary = _write_summary(study, config, out)
@@ -153,19 +152,6 @@ def tune(config: QatuneConfig, runtime: "Runtime | None" = None) -> TuneResult:
     decided = plan(config, runtime or Runtime.detect())
     with logger_levels({"optuna": logging.WARNING}):  # a line per trial is ours to print
         return execute(sys.modules[__name__], decided)
-
-
-def _check(config: QatuneConfig) -> None:
-    data, cfg = config.data, config.tune
-    if data.val_size == 0 and not data.eval_sources:
-        raise TuneError("tune minimises the eval loss, and this config has no eval data",
-                        hint="set data.val_size above 0 or add data.eval_sources")
-    if cfg.num_epochs and config.train.max_steps > 0:
-        raise TuneError(f"train.max_steps={config.train.max_steps} overrides the epochs tune.num_epochs searches",
-                        hint="set train.max_steps=-1, or tune.num_epochs=null to keep the epochs fixed")
-    if cfg.warmup_ratio and cfg.warmup_ratio[1] >= 1:
-        raise TuneError(f"tune.warmup_ratio={cfg.warmup_ratio} reaches 1: no step would be at full learning rate",
-                        hint="use a range below 1, e.g. [0.0, 0.1]")
 
 
 @dataclass(frozen=True)
