@@ -19,6 +19,10 @@ from typing import TYPE_CHECKING, Any, Literal
 from qatune.errors import DataError
 
 if TYPE_CHECKING:
+    import torch
+    from datasets import Dataset
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+
     from qatune.config import DataConfig, QatuneConfig
     from qatune.data.records import Conversation, DropLog
     from qatune.data.templates import ChatTemplate
@@ -34,13 +38,13 @@ class TrainerInputs:
     config: "QatuneConfig"
     runtime: "Runtime"
     precision: str  # bf16, fp16 or fp32
-    dtype: Any  # the torch dtype of `precision`
-    model: Any  # with the method applied
-    tokenizer: Any
+    dtype: "torch.dtype"  # of `precision`
+    model: "PreTrainedModel"  # with the method applied
+    tokenizer: "PreTrainedTokenizerBase"
     template: "ChatTemplate"
-    train_set: Any  # datasets.Dataset, only the stage's `columns`
-    eval_set: Any  # the same, or None
-    callbacks: list[Any]
+    train_set: "Dataset"  # only the stage's `columns`
+    eval_set: "Dataset | None"  # the same
+    callbacks: list["TrainerCallback"]
     processes: int  # processes training together
 
 

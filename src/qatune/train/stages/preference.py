@@ -35,7 +35,7 @@ import importlib.util
 import sys
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from qatune.errors import DataError
 from qatune.train.checkpoints import TrainError
@@ -63,7 +63,7 @@ class PreferenceStage(TrainingStage):
 
     columns: tuple[str, ...] = PAIRED_COLUMNS
     section: str | None = "preference"
-    learning_rate_advice: str | None = "preference"
+    learning_rate_advice: Literal["sft", "preference"] | None = "preference"
     default_beta: float = 0.1  # the method's paper / TRL default
     reference_model: bool = False  # scores against a reference model (the base with the adapter switched off)
     prompt_once: bool = False  # its batches are pairs: each prompt is run once for both answers
