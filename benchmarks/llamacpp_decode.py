@@ -51,9 +51,9 @@ def main() -> None:
     from rich.console import Console
 
     from qatune.config import ModelConfig
-    from qatune.serve.gguf_files import converted
+    from qatune.export.serving import gguf_for_serving
 
-    files = {kind: converted(ModelConfig(name_or_path="default"), None, kind, Console(stderr=True))
+    files = {kind: gguf_for_serving(ModelConfig(name_or_path="default"), None, kind, Console(stderr=True))
              for kind in args.types.split(",")}
     rows = [int(n) for n in args.rows.split(",")]
     print(f"default model, {args.threads} thread(s), {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")

@@ -64,12 +64,12 @@ def model_files(model: str) -> tuple[str, str]:
 
     from qatune.config import ModelConfig
     from qatune.models import gguf_as_hf_folder, locate_model
-    from qatune.serve.gguf_files import model_gguf
+    from qatune.export.serving import gguf_for_serving
 
     config = ModelConfig(name_or_path=model)
     location = locate_model(config)
     folder = str(gguf_as_hf_folder(location, weights=True)) if location.gguf_file else location.path
-    return str(model_gguf(config, "q8_0", Console(stderr=True))), folder
+    return str(gguf_for_serving(config, None, "q8_0", Console(stderr=True))), folder
 
 
 def naive_app(model: str, max_tokens: int):

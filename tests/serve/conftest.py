@@ -62,7 +62,7 @@ class RunningServer:
 
     def metric(self, name: str, **labels: str) -> float:
         """The current value of one metric sample (0 when it has none yet)."""
-        value = self.app.state.metrics.registry.get_sample_value(name, labels or None)
+        value = self.app.state.service.metrics.registry.get_sample_value(name, labels or None)
         return value or 0.0
 
 

@@ -329,7 +329,7 @@ def test_serve_entry_plans_loads_starts_and_runs_on_the_configured_address(tiny_
     seen = {}
 
     def run_app(app, host, port, **options):  # instead of serving until Ctrl-C
-        engine = app.state.engine
+        engine = app.state.service.engine
         seen.update(host=host, port=port, started=engine.batcher._thread.is_alive(), engine=engine)
 
     monkeypatch.setattr(uvicorn, "run", run_app)

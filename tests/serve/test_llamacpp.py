@@ -231,7 +231,7 @@ def test_a_hugging_face_model_and_its_adapters_are_served_each_on_its_own_gguf(g
 
 
 def test_an_export_folder_serves_its_gguf_by_preference(tmp_path):
-    from qatune.serve.gguf_files import export_gguf
+    from qatune.export.serving import export_gguf
 
     assert export_gguf(tmp_path) is None
     for name in ("model-f16.gguf", "model-q4_k_m.gguf", "model-q8_0.gguf"):
@@ -248,9 +248,9 @@ def test_default_is_served_from_its_conversion_not_the_shipped_q4_1_file():
     from rich.console import Console
 
     from qatune.config import ModelConfig
-    from qatune.serve.gguf_files import model_gguf
+    from qatune.export.serving import gguf_for_serving
 
-    path = model_gguf(ModelConfig(name_or_path="default"), "q8_0", Console(quiet=True))
+    path = gguf_for_serving(ModelConfig(name_or_path="default"), None, "q8_0", Console(quiet=True))
     file_type = gguf.GGUFReader(path).get_field("general.file_type")
     assert path.name.endswith("-q8_0.gguf")
     assert int(file_type.parts[file_type.data[0]][0]) == gguf.LlamaFileType.MOSTLY_Q8_0
@@ -258,7 +258,7 @@ def test_default_is_served_from_its_conversion_not_the_shipped_q4_1_file():
 
 def test_an_adapter_only_export_is_not_served_as_the_tuned_model(tmp_path):
     """`export --gguf-adapter` leaves adapter.gguf and the unmerged base-f16.gguf: neither is the tuned model."""
-    from qatune.serve.gguf_files import export_gguf
+    from qatune.export.serving import export_gguf
 
     for name in ("adapter.gguf", "base-f16.gguf"):
         (tmp_path / name).write_bytes(b"")

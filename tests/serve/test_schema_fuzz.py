@@ -70,7 +70,7 @@ def test_schemathesis_finds_no_server_error(start_server, tiny_model_dir, lora_a
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     answer = httpx.post(server.url + "/answer", json={"question": "still there?"}, headers=headers, timeout=60)
     assert answer.status_code == 200 and isinstance(answer.json()["answer"], str)
-    served = [s for m in server.app.state.metrics.registry.collect() for s in m.samples
+    served = [s for m in server.app.state.service.metrics.registry.collect() for s in m.samples
               if s.name == "qatune_requests_total"]
     assert sum(s.value for s in served) >= sum(seen.values())
     assert not [s.labels for s in served if s.labels["status"].startswith("5")]

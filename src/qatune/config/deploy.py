@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from qatune import plugins
 from qatune.config.base import Section, decoding_section, secret_field
 from qatune.config.data import SourceList
 
@@ -13,6 +14,8 @@ ServeDecoding = decoding_section(
     "ServeDecoding", "for requests that do not say, and by `qatune chat` / `qatune generate`",
     temperature=0.7, top_p=0.9,
 )
+# `auto` and every engine of the plug-in table (a Literal of a tuple: the choices as its arguments)
+EngineChoice = Literal[("auto", *plugins.names("engine"))]  # type: ignore[valid-type]
 
 
 class ServeConfig(Section):
@@ -28,7 +31,7 @@ class ServeConfig(Section):
         description="LoRA adapters served on the one base model, name: folder. Each name is a model in /v1/models; "
         "the first is the default for /answer and requests without `model`.",
     )
-    engine: Literal["auto", "hf", "llamacpp", "vllm"] = Field(
+    engine: EngineChoice = Field(
         "auto", description="auto: llamacpp on a CPU where llama-cpp-python is installed, else hf; on a CUDA GPU "
         "vllm where installed, else hf (printed with the reason). hf: qatune's continuous batching on "
         "transformers (CPU or GPU); llamacpp: continuous batching on llama.cpp, GGUF models on the CPU "

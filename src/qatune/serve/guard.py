@@ -42,19 +42,17 @@ class ThrottledLog:
         self.last = -interval
         self.suppressed = 0
 
-    def error(self, message: str, exc: BaseException) -> bool:
-        """Log `message` with `exc`'s traceback unless one was logged in the last interval; True when logged."""
+    def error(self, message: str, exc: BaseException, always: bool = False) -> bool:
+        """Log `message` with `exc`'s traceback unless one was logged in the last interval (or `always`); True
+        when logged."""
         now = time.monotonic()
-        if now - self.last < self.interval:
+        if now - self.last < self.interval and not always:
             self.suppressed += 1
             return False
         note = f" ({self.suppressed} more in the last {self.interval:g} s without traceback)" if self.suppressed else ""
         self.logger.error(message + note, exc_info=(type(exc), exc, exc.__traceback__))
         self.last, self.suppressed = now, 0
         return True
-
-
-UNEXPECTED = ThrottledLog(log)
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -114,10 +112,11 @@ class RequestGuard:
     """Host, key and body checks before the app runs; unexpected errors become a 500 with a throttled trace."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], api_key: str | None, keyed: Callable[[str], bool],
-                 max_body_bytes: int, read_timeout: float, hosts: set[str] | None, abuse_refusals: int = 0,
-                 abuse_delay: float = 1.0) -> None:
+                 max_body_bytes: int, read_timeout: float, hosts: set[str] | None, unexpected: ThrottledLog,
+                 abuse_refusals: int = 0, abuse_delay: float = 1.0) -> None:
         self.app, self.api_key, self.keyed = app, api_key, keyed
         self.max_body_bytes, self.read_timeout, self.hosts = max_body_bytes, read_timeout, hosts
+        self.unexpected = unexpected  # the app's: its throttle is no other app's
         self.strikes, self.abuse_delay = Strikes(abuse_refusals), abuse_delay
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -153,7 +152,7 @@ class RequestGuard:
                 await _send_error(send_error, refused.status, error_body(refused.message, refused.kind, refused.param,
                                                                    refused.code), refused.headers)
         except Exception as exc:  # the last net: no traceback leaves the server, and few reach its log
-            UNEXPECTED.error(f"unexpected error on {scope.get('method')} {scope.get('path')}", exc)
+            self.unexpected.error(f"unexpected error on {scope.get('method')} {scope.get('path')}", exc)
             if not started:
                 await _send_error(send, 500, error_body("internal error; the server log has the details",
                                                         "server_error"))

@@ -6,16 +6,19 @@ mixes rows of different adapters (peft's `adapter_names`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from qatune.serve.batcher import ContinuousBatcher
-from qatune.serve.protocol import ServedModel, template_prefix
+from qatune.serve.engine_plugin import AutoFit, EngineRequest
+from qatune.serve.protocol import template_prefix
 from qatune.serve.scheduling import BatchedEngine
 
 if TYPE_CHECKING:
-    from qatune.config import ModelConfig, ServeConfig
+    from qatune.config import QatuneConfig
+    from qatune.errors import Problem
     from qatune.runtime import Runtime
+
+FALLBACK_RANK = 100  # auto takes hf where no faster engine is ready: it runs on every device
 
 
 class LocalEngine(BatchedEngine):
@@ -23,24 +26,40 @@ class LocalEngine(BatchedEngine):
 
     kind = "hf"
 
-    @classmethod
-    def load(cls, model_cfg: "ModelConfig", serve_cfg: "ServeConfig", models: dict[str, ServedModel],
-             default_model: str, runtime: "Runtime", tokenizer: Any,
-             on_step: Callable[[int, int, int], None] | None = None) -> "LocalEngine":
-        """The base model on the runtime's device and dtype, with every adapter of `models` attached by name;
-        `tokenizer` is the base's, loaded by the caller."""
+
+class HFPlugin:
+    """The hf engine as a plug-in: no rules of its own, and auto's choice where no faster engine is ready."""
+
+    name = LocalEngine.kind
+
+    def validate(self, config: "QatuneConfig") -> list["Problem"]:
+        return []
+
+    def check_here(self, runtime: "Runtime") -> None:
+        """transformers is qatune's own dependency: it runs wherever qatune does."""
+
+    def auto_fit(self, device: str) -> AutoFit:
+        return AutoFit(FALLBACK_RANK, True, "transformers serves on every device")
+
+    def load(self, request: EngineRequest) -> LocalEngine:
+        """The base model on the runtime's device and dtype, with every adapter of the request attached by name."""
         from qatune.infer.load import load_for_inference
         from qatune.models import attach_adapter
 
+        models, serve_cfg = request.models, request.serve
         base = next(iter(models.values()))
-        model, tokenizer, _ = load_for_inference(model_cfg, runtime, template_source=base.template.source,
-                                                 tokenizer=tokenizer)
+        model, tokenizer, _ = load_for_inference(request.model, request.runtime, template_source=base.template.source,
+                                                 tokenizer=request.tokenizer)
         for served in models.values():
             if served.adapter is not None:
-                model = attach_adapter(model, served.adapter, model_cfg.name_or_path, name=served.name)
+                model = attach_adapter(model, served.adapter, request.model.name_or_path, name=served.name)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else base.stop_ids[0]
         prefixes = {served.name if served.adapter else None: template_prefix(tokenizer, served)
                     for served in models.values()}
-        batcher = ContinuousBatcher(model, tokenizer, serve_cfg.max_batch_size, serve_cfg.max_queue, pad_id, on_step,
-                                    prefixes)
-        return cls(batcher, models, default_model, getattr(model.config, "max_position_embeddings", None))
+        batcher = ContinuousBatcher(model, tokenizer, serve_cfg.max_batch_size, serve_cfg.max_queue, pad_id,
+                                    request.on_step, prefixes)
+        return LocalEngine(batcher, models, request.default_model,
+                           getattr(model.config, "max_position_embeddings", None))
+
+
+PLUGIN = HFPlugin()

@@ -1,6 +1,6 @@
 """`serve.engine: llamacpp`: continuous batching on llama.cpp (llama-cpp-python), fast on a CPU.
 
-Each served model is a lane: its GGUF file (see `gguf_files`) and one llama.cpp context whose
+Each served model is a lane: its GGUF file (`export.serving.gguf_for_serving`) and one llama.cpp context whose
 key/value cache holds one sequence id per running request (`serve.llamacpp_context` cells each).
 Every engine step advances all running sequences of a lane in one `llama_decode`: the last token
 of each running request, plus the prompts of the requests admitted at this step (new requests
@@ -26,12 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qatune.serve.llamacpp_api import GGUFModel, KVContext, TokenSampler
-from qatune.serve.protocol import ServedModel, ServeError, template_prefix
+from qatune.errors import Problem
+from qatune.serve.engine_plugin import AutoFit, EngineRequest, ModelUnfit
+from qatune.serve.llamacpp_api import GGUFModel, KVContext, TokenSampler, installed
+from qatune.serve.protocol import ServeError, template_prefix
 from qatune.serve.scheduling import GREEDY_BELOW, BatchedEngine, BatchLoop, Request, append_token
 
 if TYPE_CHECKING:
-    from qatune.config import ServeConfig
+    from qatune.config import QatuneConfig
+    from qatune.runtime import Runtime
 
 PREFIX_SEQUENCE = 0  # the lane's shared prefix lives in sequence 0; requests get 1..max_batch_size
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
@@ -182,37 +185,76 @@ class LlamaCppEngine(BatchedEngine):
 
     kind = "llamacpp"
 
-    @classmethod
-    def load(cls, serve_cfg: "ServeConfig", models: dict[str, ServedModel], default_model: str, tokenizer: Any,
-             ggufs: dict[str, Path], on_step: Callable[[int, int, int], None] | None = None) -> "LlamaCppEngine":
-        """A lane for each model of `models` on its GGUF file (`ggufs`, by model name)."""
+
+class LlamaCppPlugin:
+    """The llamacpp engine as a plug-in: auto's first choice on a CPU where llama-cpp-python is installed."""
+
+    name = LlamaCppEngine.kind
+
+    def validate(self, config: "QatuneConfig") -> list[Problem]:
+        size = config.serve.max_batch_size
+        if size + 1 > MAX_SEQUENCES:  # and the shared prefix's sequence
+            return [Problem("serve.max_batch_size", f"{size} is above what llama.cpp runs at once "
+                                                    f"({MAX_SEQUENCES - 1} sequences)",
+                            f"set serve.max_batch_size to {MAX_SEQUENCES - 1} or less")]
+        return []
+
+    def check_here(self, runtime: "Runtime") -> None:
+        if not installed():
+            raise ServeError("serve.engine llamacpp needs llama-cpp-python, which is not installed",
+                             hint="pip install 'qatune[llamacpp]' (builds llama.cpp, a few minutes), "
+                                  "or use serve.engine=hf")
+
+    def auto_fit(self, device: str) -> AutoFit | None:
+        if device != "cpu":  # it runs every layer on the CPU
+            return None
+        if installed():
+            return AutoFit(0, True, "llama-cpp-python is installed")
+        return AutoFit(0, False, "llama-cpp-python is not installed (pip install 'qatune[llamacpp]' answers "
+                                 "several times faster here)")
+
+    def load(self, request: EngineRequest) -> LlamaCppEngine:
+        """A lane for each model of the request on its GGUF file (converted once where it is not one)."""
+        serve_cfg = request.serve
+        ggufs = _gguf_files(request)
         threads = serve_cfg.llamacpp_threads or default_threads()
         sequences = serve_cfg.max_batch_size + 1  # and the prefix's
         cells = serve_cfg.llamacpp_context or serve_cfg.max_input_tokens + serve_cfg.max_tokens
         batch_tokens = serve_cfg.max_input_tokens + serve_cfg.max_batch_size  # the longest prompt joins a full batch
         lanes: dict[str | None, Lane] = {}
-        for served in models.values():
+        for served in request.models.values():
             model = GGUFModel(ggufs[served.name])
             lanes[served.name if served.adapter else None] = Lane(
-                model, KVContext(model, cells, sequences, batch_tokens, threads), template_prefix(tokenizer, served),
+                model, KVContext(model, cells, sequences, batch_tokens, threads),
+                template_prefix(request.tokenizer, served),
                 free_ids=list(range(serve_cfg.max_batch_size, PREFIX_SEQUENCE, -1)))
-        batcher = LlamaCppBatcher(lanes, tokenizer, serve_cfg.max_batch_size, serve_cfg.max_queue, on_step)
+        batcher = LlamaCppBatcher(lanes, request.tokenizer, serve_cfg.max_batch_size, serve_cfg.max_queue,
+                                  request.on_step)
         # Each request's prompt and answer fit its sequence: the app refuses more (400).
         max_positions = min(min(lane.model.n_ctx_train or lane.context.cells_per_sequence,
                                 lane.context.cells_per_sequence) for lane in lanes.values())
-        return cls(batcher, models, default_model, max_positions)
+        return LlamaCppEngine(batcher, request.models, request.default_model, max_positions)
 
 
-def check_llamacpp(max_batch_size: int) -> None:
-    """llama-cpp-python installed and a batch llama.cpp can hold, or a ServeError that says what to do."""
-    from qatune.serve.llamacpp_api import installed
+PLUGIN = LlamaCppPlugin()
 
-    if not installed():
-        raise ServeError("serve.engine llamacpp needs llama-cpp-python, which is not installed",
-                         hint="pip install 'qatune[llamacpp]' (builds llama.cpp, a few minutes), or use serve.engine=hf")
-    if max_batch_size + 1 > MAX_SEQUENCES:
-        raise ServeError(f"serve.max_batch_size={max_batch_size} is above what llama.cpp runs at once "
-                         f"({MAX_SEQUENCES - 1} sequences)", hint=f"set serve.max_batch_size to {MAX_SEQUENCES - 1} or less")
+
+def _gguf_files(request: EngineRequest) -> dict[str, Path]:
+    """Each served model's GGUF file, by name (each adapter merged into a GGUF of its own); ModelUnfit where the
+    GGUF writer cannot express the model."""
+    from qatune.errors import GGUFExportError
+    from qatune.export.serving import gguf_for_serving
+
+    console, qtype = request.runtime.console, request.serve.llamacpp_gguf
+    try:
+        files = {name: gguf_for_serving(request.model, served.adapter, qtype, console)
+                 for name, served in request.models.items()}
+    except GGUFExportError as exc:
+        raise ModelUnfit("llama.cpp cannot serve this model", exc.message,
+                         f"{exc.hint}; or use serve.engine=hf" if exc.hint else "use serve.engine=hf") from None
+    for name, path in files.items():
+        console.print(f"  {name}: {path}", highlight=False, soft_wrap=True)
+    return files
 
 
 def default_threads() -> int:

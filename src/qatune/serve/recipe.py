@@ -1,14 +1,14 @@
 """`qatune serve` as a recipe: plan (checks, touches nothing) -> setup (loads the engine) -> run (HTTP).
 
-`plan` picks the engine (`serve.engine: auto`: llamacpp on a CPU where llama-cpp-python is
-installed, vllm on a CUDA GPU where vLLM is, else hf) and refuses everything it can before a
-weight is read: two models of one name, an adapter folder that is missing, not an adapter or not
-LoRA (only LoRA adapters share one base in a batch), vLLM without its package or a CUDA GPU,
-llamacpp without llama-cpp-python. `setup` prints the engine and why, loads each model's
-tokenizer and chat template and then the engine (this module is the only one that imports an
-engine, so engines never import each other); for llamacpp it finds or converts each model's GGUF
-first, and under `auto` a model the GGUF writer cannot express is served by hf instead, saying so.
-`run` starts the engine and serves until Ctrl-C.
+`plan` picks the engine plug-in (`qatune.plugins`, kind "engine"; under `serve.engine: auto` the
+ready one that fits the device best, by each plug-in's `auto_fit`: llamacpp on a CPU where
+llama-cpp-python is installed, vllm on a CUDA GPU where vLLM is, else hf) and refuses everything it
+can before a weight is read: the engine's config rules (`validate`) and what this machine lacks for
+it (`check_here`), two models of one name, an adapter folder that is missing, not an adapter or not
+LoRA (only LoRA adapters share one base in a batch). `setup` prints the engine and why, loads each
+model's tokenizer and chat template and then the engine through its plug-in's `load`; under `auto`
+a model the engine cannot serve (llamacpp: one the GGUF writer cannot express) is served by the next
+ready engine instead, saying so. `run` starts the engine and serves until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -18,10 +18,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qatune import plugins
+from qatune.serve.engine_plugin import AutoFit, EngineRequest, ModelUnfit
 from qatune.serve.protocol import Engine, ServedModel, ServeError
 
 if TYPE_CHECKING:
     from qatune.config import QatuneConfig
+    from qatune.errors import Problem
     from qatune.models import AdapterInfo
     from qatune.runtime import Runtime
     from qatune.serve.metrics import ServiceMetrics
@@ -44,8 +47,9 @@ class ServePlan:
     runtime: "Runtime"
     models: tuple[PlannedModel, ...]  # the base first, then serve.adapters in their order
     default_model: str  # the first adapter, else the base: what /answer and requests without `model` get
-    engine: str = "hf"  # hf | llamacpp | vllm: serve.engine, with auto decided
+    engine: str = "hf"  # the engine plug-in's name: serve.engine, with auto decided
     engine_reason: str = "serve.engine hf"  # why, as printed
+    fallbacks: tuple[str, ...] = ()  # under auto: the ready engines that serve a model `engine` cannot, in order
 
     @property
     def url(self) -> str:
@@ -72,14 +76,9 @@ def plan(config: "QatuneConfig", runtime: "Runtime") -> ServePlan:
     from qatune.models import locate_model
 
     engine, reason = pick_engine(config.serve.engine, runtime.device)
-    if engine == "vllm":
-        from qatune.serve.vllm_engine import check_vllm
-
-        check_vllm(runtime.device)
-    if engine == "llamacpp":
-        from qatune.serve.llamacpp_engine import check_llamacpp
-
-        check_llamacpp(config.serve.max_batch_size)
+    chosen = plugins.load("engine", engine)
+    chosen.check_here(runtime)
+    _refuse(chosen.validate(config))
     locate_model(config.model)  # a model that is nowhere is reported before any adapter
     base_name = Path(config.model.name_or_path).name or config.model.name_or_path
     models = [PlannedModel(base_name, None, None)]
@@ -88,25 +87,32 @@ def plan(config: "QatuneConfig", runtime: "Runtime") -> ServePlan:
             raise ServeError(f"two served models are called {name!r}",
                              hint="give each adapter its own name: serve.adapters: {name: folder}")
         models.append(PlannedModel(name, folder, _lora_adapter(name, folder)))
-    return ServePlan(config, runtime, tuple(models), next(iter(config.serve.adapters), base_name), engine, reason)
+    ready = [name for name, fit in _auto_fits(runtime.device) if fit.ready] if config.serve.engine == "auto" else []
+    fallbacks = tuple(ready[ready.index(engine) + 1:]) if engine in ready else ()
+    return ServePlan(config, runtime, tuple(models), next(iter(config.serve.adapters), base_name), engine, reason,
+                     fallbacks)
 
 
 def pick_engine(asked: str, device: str) -> tuple[str, str]:
-    """The engine serve.engine names, with `auto` decided from the device and what is installed; and why."""
-    import importlib.util
-
+    """The engine serve.engine names, with `auto` decided by asking each plug-in how it fits `device`; and why."""
     if asked != "auto":
         return asked, f"serve.engine {asked}"
-    if device == "cuda":
-        if importlib.util.find_spec("vllm") is not None:
-            return "vllm", "serve.engine auto: a CUDA GPU, and vLLM is installed"
-        return "hf", "serve.engine auto: a CUDA GPU, and vLLM is not installed (pip install 'qatune[vllm]')"
-    from qatune.serve.llamacpp_api import installed
+    fits = _auto_fits(device)
+    chosen = next(name for name, fit in fits if fit.ready)
+    where = "a CUDA GPU" if device == "cuda" else "a CPU"
+    return chosen, f"serve.engine auto: {where}, and {fits[0][1].why}"  # the best fit: why it serves, or why not
 
-    if installed():
-        return "llamacpp", "serve.engine auto: a CPU, and llama-cpp-python is installed"
-    return "hf", ("serve.engine auto: a CPU, and llama-cpp-python is not installed (pip install 'qatune[llamacpp]' "
-                  "answers several times faster here)")
+
+def _auto_fits(device: str) -> list[tuple[str, "AutoFit"]]:
+    """The engines `serve.engine: auto` may take on `device`, best first, ready here or not."""
+    fits = [(name, plugin.auto_fit(device)) for name, plugin in plugins.loaded("engine").items()]
+    return sorted(((name, fit) for name, fit in fits if fit is not None), key=lambda pair: pair[1].rank)
+
+
+def _refuse(problems: list["Problem"]) -> None:
+    """One ServeError for the problems the engine's `validate` found."""
+    if problems:
+        raise ServeError("; ".join(f"{p.key}: {p.message}" for p in problems), hint="; ".join(p.fix for p in problems))
 
 
 def _lora_adapter(name: str, folder: str) -> "AdapterInfo":
@@ -127,51 +133,21 @@ def setup(plan: ServePlan) -> ServeComponents:
     """Each model's tokenizer and template, then the engine with the base model and every adapter loaded."""
     from qatune.serve.metrics import ServiceMetrics
 
-    config, metrics = plan.config, ServiceMetrics()
+    config, metrics, console = plan.config, ServiceMetrics(), plan.runtime.console
     models, tokenizer = _served_models(plan)
-    plan.runtime.console.print(f"Engine {plan.engine} ({plan.engine_reason})", highlight=False, soft_wrap=True)
-    ggufs = _gguf_files(plan) if plan.engine == "llamacpp" else None
-    engine: Engine
-    if ggufs is not None:
-        from qatune.serve.llamacpp_engine import LlamaCppEngine
-
-        engine = LlamaCppEngine.load(config.serve, models, plan.default_model, tokenizer, ggufs, metrics.on_step)
-    elif plan.engine == "vllm":
-        from qatune.serve.vllm_engine import VLLMEngine
-
-        ranks = [m.adapter.rank for m in plan.models if m.adapter is not None]
-        engine = VLLMEngine.load(config.model, config.serve, models, plan.default_model, tokenizer, ranks,
-                                 plan.runtime.dtype(config.model))
-    else:
-        from qatune.serve.hf_engine import LocalEngine
-
-        engine = LocalEngine.load(config.model, config.serve, models, plan.default_model, plan.runtime, tokenizer,
-                                  metrics.on_step)
-    return ServeComponents(engine, metrics)
-
-
-def _gguf_files(plan: ServePlan) -> dict[str, Path] | None:
-    """Each served model's GGUF file, by name (converted once where it is a Hugging Face model or an adapter);
-    None where the GGUF writer cannot express the model and serve.engine is auto (hf serves it then)."""
-    from qatune.errors import GGUFExportError
-    from qatune.serve.gguf_files import converted, model_gguf
-
-    config, console = plan.config, plan.runtime.console
-    qtype = config.serve.llamacpp_gguf
-    try:
-        files = {plan.models[0].name: model_gguf(config.model, qtype, console)}
-        for planned in plan.models[1:]:  # each adapter merged into its own GGUF
-            files[planned.name] = converted(config.model, planned.folder, qtype, console)
-    except GGUFExportError as exc:
-        if config.serve.engine != "auto":
-            raise ServeError(f"llama.cpp cannot serve this model: {exc.message}",
-                             hint=f"{exc.hint}; or use serve.engine=hf" if exc.hint else "use serve.engine=hf") from None
-        console.print(f"Engine hf instead: llama.cpp cannot serve this model ({exc.message})", highlight=False,
-                      soft_wrap=True)
-        return None
-    for name, path in files.items():
-        console.print(f"  {name}: {path}", highlight=False, soft_wrap=True)
-    return files
+    request = EngineRequest(config.model, config.serve, plan.runtime, models, plan.default_model,
+                            {m.name: m.adapter for m in plan.models if m.adapter is not None}, tokenizer,
+                            metrics.on_step)
+    console.print(f"Engine {plan.engine} ({plan.engine_reason})", highlight=False, soft_wrap=True)
+    engines = [plan.engine, *plan.fallbacks]
+    while True:
+        engine = engines.pop(0)
+        try:
+            return ServeComponents(plugins.load("engine", engine).load(request), metrics)
+        except ModelUnfit as exc:
+            if not engines:
+                raise
+            console.print(f"Engine {engines[0]} instead: {exc.reason} ({exc.detail})", highlight=False, soft_wrap=True)
 
 
 def _served_models(plan: ServePlan) -> tuple[dict[str, ServedModel], Any]:

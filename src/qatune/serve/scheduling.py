@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("qatune.serve")
-STEP_FAILED = ThrottledLog(log)  # a step that fails for every batch logs one traceback a minute
 GREEDY_BELOW = 1e-5  # a temperature this small is greedy (as in vLLM): dividing by it overflows
 
 
@@ -68,6 +67,7 @@ class BatchLoop:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._active = 0  # submitted and not yet finished: what max_queue bounds
+        self.step_failures = ThrottledLog(log)  # a step that fails for every batch logs one traceback a minute
 
     # -- what a subclass provides -----------------------------------------------------------------
     def _step(self, admitted: list[Request]) -> int | None:
@@ -154,8 +154,7 @@ class BatchLoop:
         try:
             self._steps()
         except BaseException as exc:  # the thread dies: /health says so, and no request waits for it
-            STEP_FAILED.last = -STEP_FAILED.interval  # this one is always told
-            STEP_FAILED.error("the engine thread died", exc)
+            self.step_failures.error("the engine thread died", exc, always=True)
             with self._wake:
                 self._stopping = True
                 pending, self._waiting = list(self._waiting) + self._running, deque()
@@ -175,7 +174,7 @@ class BatchLoop:
             try:
                 stepped = self._step(admitted)
             except Exception as exc:  # one bad step must not take the service down
-                STEP_FAILED.error("generation step failed", exc)
+                self.step_failures.error("generation step failed", exc)
                 for r in {id(r): r for r in self._running + admitted}.values():  # admitted may be running
                     r.finish("error", f"{type(exc).__name__}: {exc}"[:300])
                 self._reset()

@@ -15,6 +15,7 @@ import importlib.util
 import itertools
 from typing import TYPE_CHECKING, Any
 
+from qatune.serve.engine_plugin import AutoFit, EngineRequest
 from qatune.serve.protocol import (
     EngineDown,
     Generation,
@@ -26,9 +27,9 @@ from qatune.serve.protocol import (
 )
 
 if TYPE_CHECKING:
-    import torch
-
-    from qatune.config import ModelConfig, ServeConfig
+    from qatune.config import QatuneConfig
+    from qatune.errors import Problem
+    from qatune.runtime import Runtime
 
 DEFAULT_LORA_RANK = 8  # vLLM's smallest max_lora_rank, and peft's default r
 
@@ -87,29 +88,6 @@ class VLLMEngine:
         self._in_flight = 0
         self._ids = itertools.count()
         self._lora = {name: i for i, name in enumerate((m.name for m in models.values() if m.adapter), start=1)}
-
-    @classmethod
-    def load(cls, model_cfg: "ModelConfig", serve_cfg: "ServeConfig", models: dict[str, ServedModel],
-             default_model: str, tokenizer: Any, lora_ranks: list[int | None], dtype: "torch.dtype") -> "VLLMEngine":
-        """vLLM's engine on the base model, taking every LoRA adapter of `models` (their ranks: `lora_ranks`)."""
-        from vllm import AsyncEngineArgs, AsyncLLMEngine
-
-        from qatune.models import gguf_as_hf_folder, locate_model
-
-        location = locate_model(model_cfg)
-        path = str(gguf_as_hf_folder(location, weights=True)) if location.gguf_file else location.path
-        if vllm_build() == "cpu":
-            _check_cpu_head_size(path, model_cfg.trust_remote_code)
-        adapters = [m.adapter for m in models.values() if m.adapter]
-        args = AsyncEngineArgs(model=path, enable_lora=bool(adapters), max_loras=max(1, len(adapters)),
-                               max_lora_rank=max([DEFAULT_LORA_RANK, *(r or DEFAULT_LORA_RANK for r in lora_ranks)]),
-                               max_num_seqs=serve_cfg.max_batch_size, dtype=str(dtype).removeprefix("torch."),
-                               # compiling the model graph takes minutes on a few CPU cores; eager starts in seconds
-                               enforce_eager=vllm_build() == "cpu",
-                               trust_remote_code=model_cfg.trust_remote_code)
-        llm = AsyncLLMEngine.from_engine_args(args)
-        max_positions = getattr(llm.model_config, "max_model_len", None) if hasattr(llm, "model_config") else None
-        return cls(llm, tokenizer, models, default_model, max_positions, serve_cfg.max_queue)
 
     @property
     def queue_depth(self) -> int:
@@ -184,3 +162,49 @@ class VLLMEngine:
         task_holder.append(asyncio.ensure_future(run()))
         task_holder[0].add_done_callback(finished)
         return generation
+
+
+class VLLMPlugin:
+    """The vllm engine as a plug-in: auto's first choice on a CUDA GPU where vLLM is installed."""
+
+    name = VLLMEngine.kind
+
+    def validate(self, config: "QatuneConfig") -> list["Problem"]:
+        return []
+
+    def check_here(self, runtime: "Runtime") -> None:
+        check_vllm(runtime.device)
+
+    def auto_fit(self, device: str) -> AutoFit | None:
+        if device != "cuda":  # auto leaves vLLM's CPU build to be asked for by name
+            return None
+        if vllm_build() is not None:
+            return AutoFit(0, True, "vLLM is installed")
+        return AutoFit(0, False, "vLLM is not installed (pip install 'qatune[vllm]')")
+
+    def load(self, request: EngineRequest) -> VLLMEngine:
+        """vLLM's engine on the base model, taking every LoRA adapter of the request."""
+        from vllm import AsyncEngineArgs, AsyncLLMEngine
+
+        from qatune.models import gguf_as_hf_folder, locate_model
+
+        model_cfg, serve_cfg = request.model, request.serve
+        location = locate_model(model_cfg)
+        path = str(gguf_as_hf_folder(location, weights=True)) if location.gguf_file else location.path
+        if vllm_build() == "cpu":
+            _check_cpu_head_size(path, model_cfg.trust_remote_code)
+        ranks = [adapter.rank or DEFAULT_LORA_RANK for adapter in request.adapters.values()]
+        dtype = request.runtime.dtype(model_cfg)
+        args = AsyncEngineArgs(model=path, enable_lora=bool(ranks), max_loras=max(1, len(ranks)),
+                               max_lora_rank=max([DEFAULT_LORA_RANK, *ranks]),
+                               max_num_seqs=serve_cfg.max_batch_size, dtype=str(dtype).removeprefix("torch."),
+                               # compiling the model graph takes minutes on a few CPU cores; eager starts in seconds
+                               enforce_eager=vllm_build() == "cpu",
+                               trust_remote_code=model_cfg.trust_remote_code)
+        llm = AsyncLLMEngine.from_engine_args(args)
+        max_positions = getattr(llm.model_config, "max_model_len", None) if hasattr(llm, "model_config") else None
+        return VLLMEngine(llm, request.tokenizer, request.models, request.default_model, max_positions,
+                          serve_cfg.max_queue)
+
+
+PLUGIN = VLLMPlugin()

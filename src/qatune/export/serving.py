@@ -1,17 +1,20 @@
-"""Which GGUF file the llamacpp engine serves for a model, and the conversions that make one.
+"""GGUF files for serving: `gguf_for_serving`, the one way `qatune serve` (the llamacpp engine) gets one.
 
 - a `.gguf` file, or a folder with `model.gguf_file`: that file;
-- `default`: the embedded model's own weights as `serve.llamacpp_gguf` (q8_0), converted once. The file
-  it ships is Q4_1, for which llama.cpp has no tiled matrix kernel on x86: measured here, one thread, 16
-  sequences decode in 509 ms a step from the Q4_1 file and in 267 ms from q8_0, and a 60-token prompt in
-  1.59 s against 0.65 s (its package folder is therefore not read as an export folder);
+- `default`: the embedded model's own weights as the asked type (serve.llamacpp_gguf: q8_0), converted once.
+  The file it ships is Q4_1, for which llama.cpp has no tiled matrix kernel on x86: measured here, one
+  thread, 16 sequences decode in 509 ms a step from the Q4_1 file and in 267 ms from q8_0, and a 60-token
+  prompt in 1.59 s against 0.65 s (its package folder is therefore not read as an export folder);
 - a qatune export folder (it holds `model-<type>.gguf`): its GGUF, the first of `GGUF_PREFERENCE`;
 - a Hugging Face folder, an adapter folder used as a model, or base + LoRA adapter: converted once
-  with qatune's GGUF writer (`export.gguf.write_gguf`; the adapter merged into the base first) into
+  with the GGUF writer (`export.gguf.write_gguf`; the adapter merged into the base first) into
   `$QATUNE_CACHE/gguf/`, keyed by the size and modification time of every source file, as
   `models.gguf_as_hf_folder` caches the default model's Hugging Face folder. A later start loads
   the cached file at once.
+
+A model the writer cannot express raises GGUFExportError.
 """
+
 
 from __future__ import annotations
 
@@ -29,6 +32,13 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL = "default"  # models.DEFAULT_MODEL
 GGUF_PREFERENCE = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "f16", "bf16")  # fast on a CPU and close to f16 first
+
+
+def gguf_for_serving(model_cfg: "ModelConfig", adapter: str | None, qtype: str, console: "Console") -> Path:
+    """The GGUF file that serves the model, or `adapter` merged into it, converting (as `qtype`) where needed."""
+    if adapter is not None:
+        return converted(model_cfg, adapter, qtype, console)
+    return model_gguf(model_cfg, qtype, console)
 
 
 def model_gguf(model_cfg: "ModelConfig", qtype: str, console: "Console") -> Path:

@@ -1,0 +1,48 @@
+"""Every refusal as OpenAI's error JSON (`{"error": {"message", "type", "param", "code"}}`): `ApiError`, raised
+anywhere a request is handled, and the app's handlers for it and for FastAPI's own errors."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from qatune.serve.guard import error_body
+
+RETRY_AFTER_S = 2  # what a busy server asks a client to wait (Retry-After)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code, self.headers = \
+            status, message, kind, param, code, headers
+
+
+def server_busy(why: str) -> ApiError:
+    """503 with Retry-After: the request may succeed in a moment."""
+    return ApiError(503, f"the server is busy ({why}); retry in a moment", "server_busy",
+                    headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """ApiError, invalid bodies (422 naming the fields) and HTTP errors (404, 405) as OpenAI's error JSON.
+    Unexpected exceptions are answered (500) and logged, throttled, by RequestGuard."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(exc.message, exc.kind, exc.param, exc.code), exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()]
+        first = exc.errors()[0]["loc"] if exc.errors() else ()
+        return JSONResponse(error_body("invalid request: " + "; ".join(problems[:5]), "invalid_request_error",
+                                       ".".join(str(p) for p in first if p != "body") or None), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), exc.status_code,
+                            headers=getattr(exc, "headers", None))
