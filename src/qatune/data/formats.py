@@ -3,7 +3,9 @@
 Formats: alpaca (`instruction`/`input`/`output`, optional `system`/`history`), qa
 (`question`/`answer`), input_target (`input`/`target`), sharegpt (`conversations` of
 `{from, value}`, roles human/gpt/system/function_call/observation), messages (`messages` of
-`{role, content}`), text (`text`, for continued pre-training). `columns` renames fields.
+`{role, content}`), text (`text`, for continued pre-training). `columns` renames fields. Chinese
+headers are recognised without `columns`: 问题/提问 as question, 答案/回答 as answer, 指令 as
+instruction, 输入 as input, 输出 as output (`COLUMN_ALIASES`), wherever the English name is absent.
 
 Preference data: preference (`chosen` and `rejected`, each a text, a message or a list of assistant
 messages, after a prompt given as `question`, `prompt` (text or messages), `messages`/`conversations`, or
@@ -16,7 +18,7 @@ Each format is a `RecordFormat` named in the plug-in table; `auto` tries them in
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +55,13 @@ def record_formats() -> dict[str, RecordFormat]:
     return plugins.loaded("format")
 
 
+# Column names read as a field when the file has no column of the field's own name and `columns` maps none:
+# the headers Chinese Q&A tables are written with (CSV, Parquet, JSON keys alike).
+COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
+    "question": ("问题", "提问"), "answer": ("答案", "回答"),
+    "instruction": ("指令",), "input": ("输入",), "output": ("输出",),
+}
+
 PROMPT_FIELDS = ("messages", "conversations", "instruction", "question", "prompt")  # a pair's prompt, in order
 
 
@@ -62,7 +71,7 @@ def detect_format(record: dict[str, Any], source: SourceConfig, loc: Location) -
         return source.format
     formats = record_formats()
     fields = {f for fmt in formats.values() for f in fmt.required + fmt.optional}
-    present = {field for field in fields if field_column(source, field) in record}
+    present = {field for field in fields if field_column(source, field, record) in record}
     for fmt in formats.values():
         if fmt.recognises(present, record, source):
             return fmt.name
@@ -78,9 +87,9 @@ def detect_format(record: dict[str, Any], source: SourceConfig, loc: Location) -
 def check_columns(columns: list[str], fmt: str, source: SourceConfig, loc: Location) -> None:
     """A table (CSV/Parquet) must have every required column of its format before any row is read."""
     spec = record_formats()[fmt]
-    missing = [field_column(source, f) for f in spec.required if field_column(source, f) not in columns]
+    missing = [field_column(source, f, columns) for f in spec.required if field_column(source, f, columns) not in columns]
     if spec.either_turn_field and missing and (TURN_FIELDS & set(columns)):
-        missing = [m for m in missing if m not in {field_column(source, f) for f in TURN_FIELDS}]
+        missing = [m for m in missing if m not in {field_column(source, f, columns) for f in TURN_FIELDS}]
     if missing:
         raise MissingColumnError(
             f"no column {', '.join(repr(m) for m in missing)} needed by format '{fmt}'; the file has {columns}",
@@ -94,12 +103,18 @@ def to_conversation(fmt: str, record: dict[str, Any], source: SourceConfig, name
     return record_formats()[fmt].convert(record, source, name, loc)
 
 
-def field_column(source: SourceConfig, field: str) -> str:
-    return source.columns.get(field, field)
+def field_column(source: SourceConfig, field: str, present: Collection[str] = ()) -> str:
+    """The column that holds `field`: the one `columns` maps it to, else its own name, else (when `present`,
+    the record's keys or the table's header, lacks that) the first of its Chinese aliases present."""
+    if field in source.columns:
+        return source.columns[field]
+    if field in present:
+        return field
+    return next((alias for alias in COLUMN_ALIASES.get(field, ()) if alias in present), field)
 
 
 def _text(record: dict[str, Any], source: SourceConfig, field: str, loc: Location, required: bool = True) -> str:
-    column = field_column(source, field)
+    column = field_column(source, field, record)
     value = record.get(column)
     if value is None:
         if required:
@@ -119,7 +134,7 @@ def _from_alpaca(record: dict[str, Any], source: SourceConfig, name: str, loc: L
     query = _text(record, source, "input", loc, required=False)
     prompt = f"{instruction}\n{query}" if query.strip() else instruction  # LLaMA-Factory joins them so
     turns: list[dict[str, str]] = []
-    history_field = field_column(source, "history")
+    history_field = field_column(source, "history", record)
     history = record.get(history_field) or []
     if not isinstance(history, list):
         raise DataFormatError(f"expected a list of [question, answer] pairs, got {type(history).__name__}",
@@ -201,14 +216,14 @@ def tags_of(turns: Any, source: SourceConfig) -> SharegptTags:
 
 def _prompt_turns(record: dict[str, Any], source: SourceConfig, loc: Location) -> list[dict[str, str]]:
     """The prompt of a preference pair: the turns before the answers, as messages ending with the user's."""
-    field = next((f for f in PROMPT_FIELDS if field_column(source, f) in record), None)
+    field = next((f for f in PROMPT_FIELDS if field_column(source, f, record) in record), None)
     if field is None:
         raise MissingColumnError(f"a preference pair needs a prompt: one of {', '.join(PROMPT_FIELDS)}", loc,
                                  hint="name the prompt field with `columns:`, e.g. columns: {question: ask}")
-    column = field_column(source, field)
+    column = field_column(source, field, record)
     value = record[column]
     if field == "instruction":  # LLaMA-Factory's alpaca ranking format
-        turns = _from_alpaca({**record, field_column(source, "output"): "-"}, source, "", loc).messages[:-1]
+        turns = _from_alpaca({**record, field_column(source, "output", record): "-"}, source, "", loc).messages[:-1]
         return turns
     if isinstance(value, str):
         if not value.strip():
