@@ -236,9 +236,6 @@ class LlamaCppPlugin:
         return LlamaCppEngine(batcher, request.models, request.default_model, max_positions)
 
 
-PLUGIN = LlamaCppPlugin()
-
-
 def _gguf_files(request: EngineRequest) -> dict[str, Path]:
     """Each served model's GGUF file, by name (each adapter merged into a GGUF of its own); ModelUnfit where the
     GGUF writer cannot express the model."""
@@ -262,3 +259,6 @@ def default_threads() -> int:
     threads); on a busy machine more threads than free cores make llama.cpp's threads wait on each other
     (measured on 2 cores under a load average of 11: a 60-token prompt took 0.71 s on 1 thread, 7.2 s on 2)."""
     return max(1, len(os.sched_getaffinity(0)) // 2) if hasattr(os, "sched_getaffinity") else max(1, (os.cpu_count() or 2) // 2)
+
+
+PLUGIN = LlamaCppPlugin()
