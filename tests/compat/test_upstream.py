@@ -350,8 +350,24 @@ def test_the_reference_pass_of_a_lora_run_scores_log_probs_alone(tiny_model_dir)
         assert scores().entropy is not None
 
 
+def test_llama_cpp_models_load_without_extra_buffers_where_the_cpu_has_amx(monkeypatch) -> None:
+    llama_cpp = pytest.importorskip("llama_cpp.llama_cpp")
+    from qatune.compat import llama_cpp as compat
+
+    assert "use_extra_bufts" in dict(llama_cpp.llama_model_params._fields_)  # the switch model_params sets
+    assert "llama_model_default_params()" in inspect.getsource(pytest.importorskip("llama_cpp.llama").Llama.__init__)
+    defaults = llama_cpp.llama_model_default_params
+    for amx in (True, False):
+        monkeypatch.setattr(compat, "cpu_has_amx", lambda amx=amx: amx)
+        assert compat.model_params(llama_cpp).use_extra_bufts is not amx
+        with compat.plain_cpu_buffers():
+            assert llama_cpp.llama_model_default_params().use_extra_bufts is not amx
+        assert llama_cpp.llama_model_default_params is defaults
+    assert llama_cpp.llama_model_default_params().use_extra_bufts  # llama.cpp's own default is left as it was
+
+
 @pytest.mark.parametrize("module", ["torch", "transformers", "peft", "datasets", "process", "uvicorn",
-                                    "bitsandbytes", "trl"])
+                                    "bitsandbytes", "trl", "llama_cpp"])
 def test_every_compat_module_is_documented(module) -> None:
     import importlib
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from rich.console import Console
 
+from qatune.compat.llama_cpp import plain_cpu_buffers
 from qatune.config import ModelConfig, load_config
 from qatune.runtime import Runtime
 
@@ -121,7 +122,7 @@ def test_q4_k_m_export_checked_in_llama_cpp(quantized_export):
     from llama_cpp import Llama
 
     out, report = quantized_export.output_dir, quantized_export.report
-    checks = report["checks"]
+    checks = report.checks
     # The f16 reference in llama.cpp answers like the merged model token for token, or parts from it only
     # at a near tie (f16 rounding); it is gone afterwards: q4_k_m was asked for.
     gguf = checks["gguf"]
@@ -134,7 +135,8 @@ def test_q4_k_m_export_checked_in_llama_cpp(quantized_export):
 
     kinds = {t.tensor_type for t in GGUFReader(str(out / "model-q4_k_m.gguf")).tensors}
     assert GGMLQuantizationType.Q4_K in kinds or GGMLQuantizationType.Q6_K in kinds
-    llm = Llama(model_path=str(out / "model-q4_k_m.gguf"), n_ctx=512, verbose=False)
+    with plain_cpu_buffers():
+        llm = Llama(model_path=str(out / "model-q4_k_m.gguf"), n_ctx=512, verbose=False)
     try:
         reply = llm.create_chat_completion(messages=QUESTION, max_tokens=24, temperature=0)
     finally:
@@ -142,7 +144,7 @@ def test_q4_k_m_export_checked_in_llama_cpp(quantized_export):
     assert len(reply["choices"][0]["message"]["content"].split()) >= 3
     assert checks["gguf q4_k_m"]["questions"] == 2 and all(a["got"] for a in checks["gguf q4_k_m"]["answers"])
     # Perplexity of both on the held-out answers, in the json and the md: what q4_k_m costs.
-    ppl = report["gguf_perplexity"]
+    ppl = report.gguf_perplexity
     assert ppl["measured"] and ppl["records"] == len(PAIRS) and ppl["tokens"] > 50
     f16, q4 = ppl["files"]["model-f16.gguf"]["perplexity"], ppl["files"]["model-q4_k_m.gguf"]["perplexity"]
     assert math.isfinite(f16) and 1 < f16 < 1000 and q4 > 0.97 * f16
@@ -152,7 +154,7 @@ def test_q4_k_m_export_checked_in_llama_cpp(quantized_export):
 
 @pytest.mark.slow
 def test_adapter_gguf_export_on_the_default_model(quantized_export):
-    out, checks = quantized_export.output_dir, quantized_export.report["checks"]
+    out, checks = quantized_export.output_dir, quantized_export.report.checks
     # llama.cpp, base f16 GGUF + adapter GGUF: the merged model's greedy answers, token for token.
     adapter = checks["gguf adapter"]
     assert adapter["adapter"] == "adapter.gguf" and adapter["questions"] == 2 and adapter["identical"] >= 1

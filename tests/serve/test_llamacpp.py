@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from qatune.compat.llama_cpp import plain_cpu_buffers
 from qatune.serve.protocol import Sampling
 from qatune.serve.scheduling import Request
 from tests.serve.conftest import free_port, llamacpp_config, serve_config
@@ -38,8 +39,9 @@ def engine_of(config):
 
 def reference(gguf: Path):
     """llama.cpp's own high-level API on the same file: one sequence at a time."""
-    return llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, n_threads=1, n_threads_batch=1, flash_attn=True,
-                           verbose=False)
+    with plain_cpu_buffers():  # as the engine loads it
+        return llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, n_threads=1, n_threads_batch=1, flash_attn=True,
+                               verbose=False)
 
 
 def alone(llm, prompt: list[int], max_new: int, stop_ids: tuple[int, ...]) -> list[int]:

@@ -86,10 +86,13 @@ class LlamaCppModel:
         require_llama_cpp("checking a GGUF file in llama.cpp")
         from llama_cpp import Llama
 
+        from qatune.compat.llama_cpp import plain_cpu_buffers
+
         self.path = path
         # logits_all keeps every position's logits: perplexity reads them all, greedy the last.
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True,
-                         lora_path=str(lora) if lora else None, verbose=False)
+        with plain_cpu_buffers():
+            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True,
+                             lora_path=str(lora) if lora else None, verbose=False)
 
     def __enter__(self) -> "LlamaCppModel":
         return self

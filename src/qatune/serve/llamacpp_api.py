@@ -23,6 +23,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qatune.compat.llama_cpp import model_params
 from qatune.serve.protocol import ServeError
 
 if TYPE_CHECKING:
@@ -47,10 +48,8 @@ class GGUFModel:
     def __init__(self, path: Path) -> None:
         api = _api()
         api.llama_backend_init()
-        params = api.llama_model_default_params()
-        params.n_gpu_layers = 0
         self.path = path
-        self.pointer = api.llama_model_load_from_file(str(path).encode(), params)
+        self.pointer = api.llama_model_load_from_file(str(path).encode(), model_params(api))
         if not self.pointer:
             raise ServeError(f"llama.cpp cannot load {path}",
                              hint="check that the file is a complete GGUF model (qatune export --gguf writes one)")
