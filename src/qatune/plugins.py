@@ -12,7 +12,8 @@ What a plug-in of each kind declares:
 - stage (`qatune.train.stages.base.TrainingStage`): its config section, the rows it trains on
   (`make_rows`, handed to the data stage), `validate(config) -> list[Problem]`, `build_trainer`,
   and what it adds to the train report.
-- engine (`qatune.serve.engine_plugin.EnginePlugin`): `validate`, `load(request) -> Engine`.
+- engine (`qatune.serve.engine_plugin.EnginePlugin`): `validate`, `check_here(runtime)`, how well it fits
+  this machine for `serve.engine: auto` (`auto_fit`), and one `load(EngineRequest) -> Engine` for all.
 - format (`qatune.data.formats.RecordFormat`): its fields, its converter, how `auto` recognises it.
   A stage whose records have a format of their own (kto's labelled answers) declares it in its module.
 - distributed (`qatune.train.distributed.DistributedBackend`): `validate`, its TrainingArguments.
