@@ -4,8 +4,9 @@
     python benchmarks/sweep_defaults.py --records 16 --eval-records 8 --learning-rates 1e-3 --ranks \\
         --generate-top 1 --decode-tokens 16                # a small smoke run
     python benchmarks/sweep_defaults.py --generate-runs base lr0.001-r16   # only the decoding comparison
+    python benchmarks/sweep_defaults.py --model gemma-3-270m --out outputs/bench_sweep_gemma  # another model
 
-1. LoRA on the default model (SmolLM2-135M), `--epochs` (one) on `--records` of each shared medical train set
+1. LoRA on `--model` (the default model, SmolLM2-135M, unless named), `--epochs` (one) on `--records` of each shared medical train set
    (zh + en), everything else at qatune's defaults, once per `--learning-rates` value at rank 16 / alpha 32;
    then each `--ranks` value (alpha = 2 x rank) at `--rank-learning-rate`, by default the learning rate with
    the lowest eval loss.
@@ -50,7 +51,7 @@ def train_run(args: argparse.Namespace, out: Path, learning_rate: float, rank: i
 
     sources = json.dumps([{"path": str(p), "max_records": args.records} for p in TRAIN_SETS.values()])
     config = load_config(None, [
-        "model=default", f"data.sources={sources}", "data.val_size=0", f"data.max_length={args.max_length}",
+        f"model={args.model}", f"data.sources={sources}", "data.val_size=0", f"data.max_length={args.max_length}",
         f"data.output_dir={args.out / 'data'}", f"train.output_dir={out}", "train.overwrite_output_dir=true",
         "method.name=lora", f"method.lora_rank={rank}", f"method.lora_alpha={2 * rank}",
         f"train.num_epochs={args.epochs}", f"train.learning_rate={learning_rate}", "train.eval_at_start=false",
@@ -59,7 +60,8 @@ def train_run(args: argparse.Namespace, out: Path, learning_rate: float, rank: i
         f"train.gradient_accumulation_steps={args.accumulation}",
     ])
     started = time.perf_counter()
-    report = train(config, quiet_runtime()).report
+    train(config, quiet_runtime())
+    report = json.loads((out / "train_report.json").read_text(encoding="utf-8"))  # the file, as every qatune writes it
     return {"train_seconds": round(time.perf_counter() - started, 1), "steps": report["global_step"]}
 
 
@@ -128,6 +130,8 @@ def generation_rows(args: argparse.Namespace, model_name: str) -> dict[float, di
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default", help="the model swept: `default`, `gemma-3-270m` or any model "
+                        "qatune loads")
     parser.add_argument("--records", type=int, default=300, help="train records from each shared train set")
     parser.add_argument("--epochs", type=float, default=1, help="train.num_epochs of the training runs")
     parser.add_argument("--learning-rates", type=float, nargs="*", default=[1e-4, 2e-4, 5e-4, 1e-3, 2e-3])
@@ -169,7 +173,7 @@ def main() -> int:
     generated: dict[str, dict] = {}
 
     def generated_by(name: str) -> None:
-        generated[name] = generation_rows(args, "default" if name == "base" else str(args.out / name))
+        generated[name] = generation_rows(args, args.model if name == "base" else str(args.out / name))
         for penalty, row in generated[name].items():
             print(f"generate {name} repetition_penalty={penalty:g}: {json.dumps(row)}", flush=True)
 
@@ -177,7 +181,7 @@ def main() -> int:
         for name in args.generate_runs:
             generated_by(name)
     else:  # ordered so that a run stopped early keeps the figures the defaults need most
-        measured("base", "default")
+        measured("base", args.model)
         runs = [trained(lr, 16) for lr in args.learning_rates]
         best_runs = sorted(runs, key=lambda n: rows[n]["eval_loss"])
         for name in ["base", *best_runs[:args.generate_top]] if args.generate_top else ():

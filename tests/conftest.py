@@ -83,3 +83,37 @@ def tiny_config(tmp_path: Path, model_dir: Path, data_file: Path, *overrides: st
         "train.report_to=none", "train.preview_questions=0", "train.logging_steps=1",
     ]
     return load_config(None, base + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer():
+    """The embedded gemma-3-270m's tokenizer (262k vocabulary, Gemma's turn template), converted once and cached."""
+    from qatune.config import ModelConfig
+    from qatune.models import GEMMA_MODEL, load_tokenizer
+
+    return load_tokenizer(ModelConfig(name_or_path=GEMMA_MODEL))
+
+
+TINY_GEMMA_WINDOW = 16  # sliding window of the tiny Gemma: shorter than the test samples, so it matters
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_dir(tmp_path_factory, gemma_tokenizer) -> Path:
+    """A tiny random Gemma 3 (Gemma3ForCausalLM, gemma-3-270m's tokenizer): sliding and global attention layers,
+    tied embeddings, the embedding scaling and query/key norms of the real one, width 64."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    folder = tmp_path_factory.mktemp("tiny-gemma")
+    tok = gemma_tokenizer
+    config = Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, sliding_window=TINY_GEMMA_WINDOW, max_position_embeddings=1024,
+        layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    Gemma3ForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
