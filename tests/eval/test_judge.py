@@ -101,9 +101,9 @@ def test_judge_over_http_with_qatune_serve(start_server, tiny_model_dir, qa_file
     specs = [ModelSpec("base", str(tiny_model_dir)), ModelSpec("tuned", str(tiny_model_dir))]
     report = evaluate(config, specs).report
     # The random tiny model replies with noise: every reply is malformed, counted, and the run completes.
-    scored = report["judge"]["scored"]
+    scored = report.judge["scored"]
     assert scored["base"] == {"judged": 0, "malformed": 4} and scored["tuned"] == {"judged": 0, "malformed": 4}
-    assert report["judge"]["pairwise"]["qa"]["malformed"] == 4
+    assert report.judge["pairwise"]["qa"]["malformed"] == 4
     # 4 answers of each model scored, 4 pairs compared: 12 chat completions answered over HTTP.
     assert server.metric("qatune_requests_total", route="/v1/chat/completions", status="200") == 12
     rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.tuned.jsonl").open(encoding="utf-8")]
@@ -116,5 +116,5 @@ def test_judge_over_http_with_qatune_serve(start_server, tiny_model_dir, qa_file
                                "eval.judge.mode=score", f"eval.judge.model={json.dumps(str(tiny_model_dir))}",
                                "eval.judge.decoding.max_new_tokens=8"])
     report = evaluate(local, [ModelSpec("model", str(tiny_model_dir))]).report
-    assert report["judge"]["scored"]["model"] == {"judged": 0, "malformed": 2}
-    assert report["scores"]["qa"]["model"]["judge_malformed"] == 2
+    assert report.judge["scored"]["model"] == {"judged": 0, "malformed": 2}
+    assert report.scores["qa"]["model"]["judge_malformed"] == 2

@@ -7,7 +7,8 @@ import csv
 import pytest
 
 from qatune.eval.compare import forgetting_check
-from qatune.eval.report import REVIEW_SHEET, forgetting_lines, summarize_review_sheet, write_review_sheet
+from qatune.eval.render import forgetting_lines
+from qatune.eval.report import REVIEW_SHEET, summarize_review_sheet, write_review_sheet
 from qatune.eval.sets import ChoiceItem, EvalError, EvalSet
 
 
@@ -89,7 +90,7 @@ def test_forgetting_warns_only_on_a_significant_drop():
     assert (found["base"], found["tuned"], found["right_to_wrong"], found["wrong_to_right"]) == (32.0, 29.5, 14, 9)
     assert result["warnings"] == [] and not found["significant_drop"]
     assert found["interval"]["low"] < 0 < found["interval"]["high"]
-    line = next(text for text, _ in forgetting_lines({"forgetting": result}))
+    line = next(text for text, _ in forgetting_lines(result))
     assert "-2.5 points" in line and "no significant change" in line and "14 right->wrong" in line
 
     # A 20-point fall on the same 200 questions is a warning.

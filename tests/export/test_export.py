@@ -81,7 +81,7 @@ def test_merged_folder_loads_plainly_and_equals_base_plus_adapter(exported, defa
         expected = _greedy_ids(unmerged, tokenizer, question)
         assert _greedy_ids(merged, tokenizer, question) == expected  # token for token
     assert _greedy_ids(base, tokenizer, QUESTIONS[1]) != expected  # the adapter does change the answer
-    assert exported.report["checks"]["merged"]["identical"] == 2
+    assert exported.report.checks["merged"]["identical"] == 2
 
 
 @pytest.mark.slow
@@ -119,7 +119,7 @@ def test_int8_copy_answers_and_is_smaller(exported):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = exported.output_dir
-    check = exported.report["checks"]["int8"]
+    check = exported.report.checks["int8"]
     assert check["size_mib"] < 0.6 * check["merged_size_mib"]
     assert all(a["got"].strip() for a in check["answers"])
     model = AutoModelForCausalLM.from_pretrained(out / "int8").eval()
@@ -210,9 +210,9 @@ def test_export_of_a_whole_model_without_adapter(tiny_model_dir, tmp_path):
     result = export(load_config(None, [f"model={json.dumps(str(tiny_model_dir))}",
                                        f"export.output_dir={tmp_path / 'out'}", "export.gguf=q8_0"]),
                     _quiet())
-    checks = result.report["checks"]
+    checks = result.report.checks
     # Nothing was merged, so no "merged" check: the folder written is read back and answers like the model.
-    assert result.report["adapter"] is None and "merged" not in checks and checks["saved"]["identical"] == 2
+    assert result.report.adapter is None and "merged" not in checks and checks["saved"]["identical"] == 2
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.hidden_size == 64
     assert (tmp_path / "out" / "model-q8_0.gguf").stat().st_size > 0
 
@@ -233,7 +233,7 @@ def test_the_check_without_adapter_catches_a_damaged_write(tiny_model_dir, tmp_p
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", damaged_save)
     result = export(load_config(None, [f"model={json.dumps(str(tiny_model_dir))}",
                                        f"export.output_dir={tmp_path / 'out'}"]), _quiet())
-    check = result.report["checks"]["saved"]
+    check = result.report.checks["saved"]
     assert check["questions"] == 2 and check["identical"] < 2
     assert any(a["expected"] != a["got"] for a in check["answers"])
 
@@ -265,11 +265,11 @@ def test_bnb_copy_on_cpu_loads_and_answers(tiny_model_dir, tmp_path, kind):
     out = tmp_path / "out"
     result = export(load_config(None, [f"model={json.dumps(str(tiny_model_dir))}", f"export.output_dir={out}",
                                        f"export.quantize={kind}", "export.check_max_new_tokens=6"]), _quiet("cpu"))
-    check = result.report["checks"][kind]
+    check = result.report.checks[kind]
     # The check answered every question with the copy (the tiny random model's greedy answers are empty text).
     assert check["questions"] == len(check["answers"]) == 2
     folder = out / kind
-    assert (folder / "model.safetensors").is_file() and result.report["files"][kind] > 0
+    assert (folder / "model.safetensors").is_file() and result.report.files[kind] > 0
     model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu").eval()
     layer = type(model.model.layers[0].self_attn.q_proj).__name__
     assert layer == ("Linear4bit" if kind == "bnb-4bit" else "Linear8bitLt")

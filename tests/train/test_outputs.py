@@ -115,12 +115,13 @@ def test_a_data_folder_with_user_files_is_refused_before_the_earlier_run_is_dele
 
 def test_a_failed_writer_leaves_the_old_file_and_no_half_file(tmp_path) -> None:
     from qatune.train.outputs import write_report
+    from qatune.train.report import TrainReport
 
     out = tmp_path / "run"
     out.mkdir()
     (out / "train_report.json").write_text('{"old": true}', encoding="utf-8")
     with pytest.raises(TypeError):
-        write_report({"loss": 1.0, "bad": object()}, out)  # json fails half way through
+        write_report(TrainReport(final_train_loss=1.0, stage_metrics={"bad": object()}), out)  # json fails half way through
     assert json.loads((out / "train_report.json").read_text(encoding="utf-8")) == {"old": True}
     assert sorted(p.name for p in out.iterdir()) == ["train_report.json"]
 
@@ -169,7 +170,7 @@ def test_no_api_key_in_any_file_a_run_writes_and_resume_still_works(tmp_path, ti
 
     resumed = train(tiny_config(tmp_path, tiny_model_dir, qa_file, "train.max_steps=3", "train.save_steps=1",
                                 f"serve.api_key={KEY}", "train.resume=true"))
-    assert resumed.report["resumed_from"] and resumed.report["global_step"] == 3
+    assert resumed.report.resumed_from and resumed.report.global_step == 3
     assert grep_key(out, data) == []
 
 

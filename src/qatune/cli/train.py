@@ -59,7 +59,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
         print_eval(evaluation.report, console)
         console.print(f"Evaluation: {evaluation.output_dir}/eval_report.html")
-    console.print(f"Wrote {result.output_dir}/ ({', '.join(result.report['files'])})")
+    console.print(f"Wrote {result.output_dir}/ ({', '.join(result.report.files)})")
     return 0
 
 

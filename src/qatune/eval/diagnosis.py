@@ -8,15 +8,16 @@ The thresholds are rules of thumb, named here so a finding can be traced to its 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qatune.config.train import TrainConfig
 from qatune.eval.metrics import is_chinese
+from qatune.reports import read_report
 from qatune.train.learning_rate_advice import rate
 from qatune.train.methods import ADAPTER_METHODS, LORA_METHODS
+from qatune.train.report import REPORT_FILE, TrainReport
 
 STILL_FALLING = 0.05  # train loss fell >= 5% between the last two quarters of the run
 OVERFIT_RISE = 0.02  # final eval loss >= 2% above its best, while train loss kept falling
@@ -69,14 +70,14 @@ def read_training_evidence(folder: str | Path) -> TrainingEvidence | None:
     """The tuned folder's train_report.json (loss curves, steps), config.yaml (learning rate, method) and
     prepared training split (questions and answers); None when the folder holds no train_report.json."""
     folder = Path(folder)
-    report_path = folder / "train_report.json"
+    report_path = folder / REPORT_FILE
     if not report_path.is_file():
         return None
-    report = json.loads(report_path.read_text(encoding="utf-8"))
-    history = report.get("loss_history", {})
+    report = read_report(TrainReport, report_path)
+    history = report.loss_history
     evidence = TrainingEvidence(str(folder), [tuple(p) for p in history.get("train", [])],
-                                [tuple(p) for p in history.get("eval", [])], int(report.get("global_step") or 0),
-                                method=report.get("method"))
+                                [tuple(p) for p in history.get("eval", [])], report.global_step,
+                                method=report.method or None)
     if not history:
         evidence.notes.append(f"{report_path} has no loss_history (an older qatune): loss-curve checks skipped")
     config_path = folder / "config.yaml"

@@ -23,9 +23,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qatune import __version__
+from qatune import files as atomic
 from qatune.config import EvalConfig, QatuneConfig
 from qatune.eval import compare, degenerate, diagnosis, metrics
-from qatune.eval.report import REPORT_JSON, predictions_file, read_predictions, write_all, written_files
+from qatune.eval.report import (
+    REPORT_HTML,
+    REPORT_JSON,
+    REPORT_MD,
+    REVIEW_SHEET,
+    EvalReport,
+    predictions_file,
+    read_predictions,
+    write_review_sheet,
+    written_files,
+)
 from qatune.eval.sets import EvalError, EvalSet, load_eval_set
 from qatune.files import model_folders, overlapping
 from qatune.runtime import Runtime
@@ -88,15 +99,16 @@ class EvalComponents:
 @dataclass(frozen=True)
 class EvalResult:
     output_dir: Path
-    report: dict[str, Any]
+    report: EvalReport
     predictions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # by model label
 
     def headline(self) -> dict[str, Any]:
         """The report's path, the deltas, the forgetting warnings and the diagnosis' titles: what a training
         report keeps of it."""
-        return {"report": str(self.output_dir / REPORT_JSON), "deltas": self.report.get("deltas", {}),
-                "forgetting_warnings": self.report.get("forgetting", {}).get("warnings", []),
-                "diagnosis": [f["title"] for f in self.report.get("diagnosis", {}).get("findings", [])]}
+        report = self.report
+        return {"report": str(self.output_dir / REPORT_JSON), "deltas": report.deltas or {},
+                "forgetting_warnings": (report.forgetting or {}).get("warnings", []),
+                "diagnosis": [f["title"] for f in (report.diagnosis or {}).get("findings", [])]}
 
 
 def load_sets(cfg: EvalConfig, encoding: str = "utf-8") -> list[EvalSet]:
@@ -199,8 +211,22 @@ def run(plan: EvalPlan, components: EvalComponents) -> EvalResult:
         console.print(f"Replacing {', '.join(plan.overwrites)} of an earlier evaluation in {plan.output_dir}/")
     plan.output_dir.mkdir(parents=True, exist_ok=True)
     report = _report(plan, scores, predictions, judged)
-    write_all(report, predictions, plan.output_dir)  # adds report["files"]
+    write_files(report, predictions, plan.output_dir)
     return EvalResult(plan.output_dir, report, predictions)
+
+
+def write_files(report: EvalReport, predictions: dict[str, list[dict[str, Any]]], out: Path) -> None:
+    """Predictions, review sheet and the reports (each to a temporary name, then renamed); the report lists them."""
+    from qatune.eval.render import html_page, markdown
+    from qatune.reports import write_report
+
+    for label, rows in predictions.items():
+        atomic.write_jsonl(out / predictions_file(label), rows)
+    write_review_sheet(predictions, out / REVIEW_SHEET)
+    report.files = written_files(list(predictions))
+    write_report(report, out / REPORT_JSON)
+    atomic.write_text(out / REPORT_MD, markdown(report))
+    atomic.write_text(out / REPORT_HTML, html_page(report))
 
 
 def run_judge(plan: EvalPlan, scores: dict[str, dict[str, dict[str, Any]]],
@@ -237,44 +263,42 @@ def run_judge(plan: EvalPlan, scores: dict[str, dict[str, dict[str, Any]]],
 
 
 def _report(plan: EvalPlan, scores: dict[str, dict[str, dict[str, Any]]],
-            predictions: dict[str, list[dict[str, Any]]], judged: dict[str, Any] | None = None) -> dict[str, Any]:
+            predictions: dict[str, list[dict[str, Any]]], judged: dict[str, Any] | None = None) -> EvalReport:
     cfg = plan.config.eval
-    report = {
-        "qatune_version": __version__, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "models": [{"label": s.label, "model": s.model, "adapter": s.adapter} for s in plan.specs],
-        "device": plan.runtime.device, "dtype": str(plan.dtype).removeprefix("torch."),
-        "decoding": {**{k: getattr(cfg.decoding, k) for k in ("max_new_tokens", "temperature", "top_p",
-                                                              "repetition_penalty")}, "batch_size": cfg.batch_size},
-        "confidence": {"level": cfg.confidence, "bootstrap_resamples": cfg.bootstrap_resamples, "seed": cfg.seed},
-        "methods": {**metrics.METHODS, "degenerate": degenerate.METHOD, "intervals": INTERVAL_METHOD,
-                    "bleu_signatures": metrics.bleu_signatures()},
-        "sets": [{"name": s.name, "role": s.role, "qa_items": len(s.qa), "choice_items": len(s.choice),
-                  "skipped": s.skipped.by_reason(),
-                  "skipped_items": [dataclasses.asdict(d) for d in s.skipped.drops]} for s in plan.sets],
-        "scores": scores,
-    }
-    if judged is not None:
-        report["judge"] = judged
+    report = EvalReport(
+        qatune_version=__version__, created=time.strftime("%Y-%m-%d %H:%M:%S"),
+        models=[{"label": s.label, "model": s.model, "adapter": s.adapter} for s in plan.specs],
+        device=plan.runtime.device, dtype=str(plan.dtype).removeprefix("torch."),
+        decoding={**{k: getattr(cfg.decoding, k) for k in ("max_new_tokens", "temperature", "top_p",
+                                                           "repetition_penalty")}, "batch_size": cfg.batch_size},
+        confidence={"level": cfg.confidence, "bootstrap_resamples": cfg.bootstrap_resamples, "seed": cfg.seed},
+        methods={**metrics.METHODS, "degenerate": degenerate.METHOD, "intervals": INTERVAL_METHOD,
+                 "bleu_signatures": metrics.bleu_signatures()},
+        sets=[{"name": s.name, "role": s.role, "qa_items": len(s.qa), "choice_items": len(s.choice),
+               "skipped": s.skipped.by_reason(),
+               "skipped_items": [dataclasses.asdict(d) for d in s.skipped.drops]} for s in plan.sets],
+        scores=scores, judge=judged,
+    )
     if plan.compares:
         sets = list(plan.sets)
-        report["deltas"] = {name: compare.deltas(by_model["base"], by_model["tuned"])
-                            for name, by_model in scores.items()}
+        report.deltas = {name: compare.deltas(by_model["base"], by_model["tuned"])
+                         for name, by_model in scores.items()}
         by_set = compare.all_intervals(sets, predictions, cfg)
-        report["intervals"] = {name: {metric: i.as_dict() for metric, i in found.items()}
-                               for name, found in by_set.items()}
-        report["forgetting"] = compare.forgetting_check(sets, predictions, scores, cfg.forgetting_threshold,
-                                                        cfg.confidence)
-        report["side_by_side"] = compare.side_by_side(predictions, cfg.side_by_side)
+        report.intervals = {name: {metric: i.as_dict() for metric, i in found.items()}
+                            for name, found in by_set.items()}
+        report.forgetting = compare.forgetting_check(sets, predictions, scores, cfg.forgetting_threshold,
+                                                     cfg.confidence)
+        report.side_by_side = compare.side_by_side(predictions, cfg.side_by_side)
         if cfg.gate.enabled:
-            decisions = [compare.gate(by_set, sets, report["forgetting"], cfg.gate)]
+            decisions = [compare.gate(by_set, sets, report.forgetting, cfg.gate)]
             if plan.previous:
                 against = {"previous": list(plan.previous), "tuned": predictions["tuned"]}
                 decisions.append(compare.gate(compare.all_intervals(sets, against, cfg, base="previous"), sets,
                                               None, cfg.gate, against=f"the previous tuned model ({cfg.gate.previous})"))
-            report["gate"] = compare.merge_gates(decisions)
+            report.gate = compare.merge_gates(decisions)
         tuned = plan.specs[-1]
-        report["diagnosis"] = diagnosis.diagnose(predictions,
-                                                 diagnosis.read_training_evidence(tuned.adapter or tuned.model))
+        report.diagnosis = diagnosis.diagnose(predictions,
+                                              diagnosis.read_training_evidence(tuned.adapter or tuned.model))
     return report
 
 

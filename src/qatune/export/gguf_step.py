@@ -25,7 +25,7 @@ from qatune.files import write_text
 if TYPE_CHECKING:
     from qatune.data.templates import ChatTemplate
     from qatune.eval.sets import EvalSet
-    from qatune.export.recipe import ExportPlan
+    from qatune.export.plan import ExportPlan
     from qatune.infer.generation import Answer
 
 MODELFILE = "Modelfile"

@@ -31,9 +31,11 @@ from typing import TYPE_CHECKING, Any
 from qatune.config import QatuneConfig
 from qatune.errors import GGUFExportError, QatuneError
 from qatune.export.checks import answer_texts, answers_of, compare, read_back
-from qatune.export.report import markdown
-from qatune.files import model_folders, overlapping, write_json, write_text
-from qatune.models import ADAPTER_FILE, AdapterInfo, ModelLocation
+from qatune.export.plan import ExportPlan
+from qatune.export.report import ExportReport, markdown
+from qatune.files import model_folders, overlapping, write_text
+from qatune.models import ADAPTER_FILE
+from qatune.reports import write_report
 from qatune.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -52,19 +54,6 @@ class ExportError(QatuneError):
 
 
 @dataclass(frozen=True)
-class ExportPlan:
-    config: QatuneConfig
-    runtime: Runtime
-    output_dir: Path
-    staging: Path  # written first, renamed to output_dir when complete
-    deletes_existing: bool  # something is at output_dir now: deleted once the new export is complete
-    adapter: AdapterInfo | None  # merged into the model; None exports the model as it is
-    model: ModelLocation  # where the base's weights are
-    save_dtype: "torch.dtype | None"  # None (export.dtype auto): the base model's own, known once it is loaded
-    heldout: "tuple[EvalSet, ...]" = ()  # export.perplexity_data, read: the GGUF files' perplexity set
-
-
-@dataclass(frozen=True)
 class ExportComponents:
     model: Any  # fp32 on the CPU; with the adapter on it (not merged) when the plan has one
     tokenizer: Any
@@ -76,7 +65,7 @@ class ExportComponents:
 @dataclass(frozen=True)
 class ExportResult:
     output_dir: Path
-    report: dict[str, Any]
+    report: ExportReport
 
 
 def plan(config: QatuneConfig, runtime: Runtime) -> ExportPlan:
@@ -210,9 +199,9 @@ def run(plan: ExportPlan, parts: ExportComponents) -> ExportResult:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    report["wall_time_s"] = time.perf_counter() - parts.started
-    report["files"] = _files(out)
-    write_json(out / REPORT_FILE, report)
+    report.wall_time_s = time.perf_counter() - parts.started
+    report.files = _files(out)
+    write_report(report, out / REPORT_FILE)
     write_text(out / REPORT_MD, markdown(report))
     return ExportResult(out, report)
 
@@ -229,7 +218,7 @@ def _refuse_pickles(folder: Path) -> None:
                           hint="report this as a bug; the safetensors and GGUF files are the ones to use")
 
 
-def _write_export(plan: ExportPlan, parts: ExportComponents, folder: Path) -> dict[str, Any]:
+def _write_export(plan: ExportPlan, parts: ExportComponents, folder: Path) -> ExportReport:
     """Merge, write every form into `folder`, and check each against the model it was made from."""
     from qatune import __version__
     from qatune.infer.generation import save_generation_config
@@ -282,11 +271,12 @@ def _write_export(plan: ExportPlan, parts: ExportComponents, folder: Path) -> di
                                          plan.runtime.compute_dtype())
         console.print(f"Wrote the {cfg.quantize} copy to {QUANTIZED_DIRS[cfg.quantize]}/")
 
-    return {"qatune_version": __version__, "model": plan.config.model.name_or_path,
-            "adapter": cfg.adapter, "dtype": str(parts.save_dtype).removeprefix("torch."),
-            "gguf": cfg.gguf, "gguf_adapter": cfg.gguf_adapter, "quantize": cfg.quantize, "template": template.name,
-            "end_of_turn": template.end_of_turn, "checks": checks, "gguf_perplexity": perplexity,
-            "smoke_answer": {"question": cfg.check_questions[0], "answer": merged_answers[0]} if questions else None}
+    return ExportReport(
+        qatune_version=__version__, model=plan.config.model.name_or_path, adapter=cfg.adapter,
+        dtype=str(parts.save_dtype).removeprefix("torch."), gguf=cfg.gguf, gguf_adapter=cfg.gguf_adapter,
+        quantize=cfg.quantize, template=template.name, end_of_turn=template.end_of_turn, checks=checks,
+        gguf_perplexity=perplexity,
+        smoke_answer={"question": cfg.check_questions[0], "answer": merged_answers[0]} if questions else None)
 
 
 def _quantize(folder: Path, kind: str, tokenizer: Any, template: Any, questions: list, cfg: Any,

@@ -1,7 +1,9 @@
-"""The export report in words: export_report.md beside export_report.json, and the lines the CLI prints."""
+"""The export report: export_report.json (`ExportReport`), the same in words in export_report.md, and the
+lines the CLI prints."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from qatune.export.checks import NEAR_TIE
@@ -10,10 +12,30 @@ from qatune.export.checks import NEAR_TIE
 CHECKED_AGAINST = {"merged": "base + adapter", "saved": "the model as loaded"}
 
 
-def check_lines(report: dict[str, Any]) -> list[str]:
+@dataclass
+class ExportReport:
+    """export_report.json: what was exported, and each written form checked against the model it came from."""
+
+    qatune_version: str
+    model: str
+    adapter: str | None  # merged into the model
+    dtype: str  # of the merged safetensors
+    gguf: str | None  # --gguf's type
+    gguf_adapter: bool
+    quantize: str | None
+    template: str
+    end_of_turn: str
+    checks: dict[str, dict[str, Any]]  # by form (merged, saved, gguf..., the quantized copy)
+    gguf_perplexity: dict[str, Any] | None  # the GGUF files' perplexity on held-out answers, or why not measured
+    smoke_answer: dict[str, str] | None  # the first check question and the merged model's answer
+    wall_time_s: float = 0.0
+    files: dict[str, float] = field(default_factory=dict)  # each file (and quantized folder) with its MiB
+
+
+def check_lines(report: ExportReport) -> list[str]:
     """One line per check: how many greedy answers were identical, to what, in which engine."""
     lines = []
-    for kind, check in report["checks"].items():
+    for kind, check in report.checks.items():
         if not check.get("checked", True):
             lines.append(f"{kind}: not checked ({check['why']})")
             continue
@@ -40,8 +62,8 @@ def _gap(answer: dict[str, Any]) -> str:
     return f" (llama.cpp's logit for the expected token {gap:.3f} below its pick: {verdict})"
 
 
-def perplexity_lines(report: dict[str, Any]) -> list[str]:
-    section = report.get("gguf_perplexity")
+def perplexity_lines(report: ExportReport) -> list[str]:
+    section = report.gguf_perplexity
     if not section:
         return []
     if not section["measured"]:
@@ -52,13 +74,13 @@ def perplexity_lines(report: dict[str, Any]) -> list[str]:
                      for name, v in section["files"].items()]
 
 
-def markdown(report: dict[str, Any]) -> str:
+def markdown(report: ExportReport) -> str:
     """export_report.md: files, checks, and the GGUF perplexities."""
-    out = [f"# Export of {report['model']}" + (f" + {report['adapter']}" if report.get("adapter") else ""), "",
+    out = [f"# Export of {report.model}" + (f" + {report.adapter}" if report.adapter else ""), "",
            "| file | MiB |", "| --- | ---: |"]
-    out += [f"| {name} | {size:,.1f} |" for name, size in report.get("files", {}).items()]
+    out += [f"| {name} | {size:,.1f} |" for name, size in report.files.items()]
     out += ["", "## Checks", ""] + [f"- {line.strip()}" for line in check_lines(report)]
-    section = report.get("gguf_perplexity")
+    section = report.gguf_perplexity
     if section and section["measured"]:
         out += ["", f"## Perplexity in llama.cpp ({section['records']} held-out answers, {section['tokens']} tokens "
                 f"of {section['set']})", "", "| file | perplexity | vs f16 |", "| --- | ---: | ---: |"]

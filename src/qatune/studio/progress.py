@@ -10,13 +10,13 @@ checkpoints once stopped.
 
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
 from typing import Any
 
+from qatune.reports import read_report, report_json
 from qatune.train.checkpoints import complete_checkpoints
-from qatune.train.report import REPORT_FILE
+from qatune.train.report import REPORT_FILE, TrainReport
 
 _HEADER = 12  # uint64 length + uint32 masked CRC of the length; the data's CRC (4 bytes) follows it
 
@@ -58,10 +58,11 @@ def curves(run_dir: Path) -> dict[str, list[list[float]]]:
 
 
 def run_state(run_dir: Path) -> dict[str, Any]:
-    """`complete` (with its report), `stopped` (a checkpoint to resume from) or `empty`."""
+    """`complete` (with its report, as the page reads it: the JSON object of the current schema), `stopped`
+    (a checkpoint to resume from) or `empty`."""
     report_file = run_dir / REPORT_FILE
     if report_file.is_file():
-        return {"state": "complete", "report": json.loads(report_file.read_text(encoding="utf-8"))}
+        return {"state": "complete", "report": report_json(read_report(TrainReport, report_file))}
     checkpoints = complete_checkpoints(run_dir) if run_dir.is_dir() else []
     if checkpoints:
         return {"state": "stopped", "checkpoint": checkpoints[-1].name}

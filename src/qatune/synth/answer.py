@@ -137,9 +137,7 @@ def run(plan: AnswerPlan, components: AnswerComponents) -> SynthResult:
               "resumed_answers": resumed, **components.teacher.report(), "system": cfg.system,
               "max_new_tokens": cfg.decoding.max_new_tokens, "temperature": cfg.decoding.temperature}
     summary = f"{len(questions)} questions, {len(records)} answers kept ({resumed} from an earlier run)."
-    result = write_output(plan.output, records, report, log, components.started, summary)
-    journal.remove()
-    return result
+    return write_output(plan.output, records, report, log, components.started, summary)
 
 
 def answer(config: QatuneConfig, questions: str | Path, runtime: Runtime | None = None,

@@ -127,9 +127,7 @@ def run(plan: AugmentPlan, components: AugmentComponents) -> SynthResult:
         "resumed_outputs": resumed, **components.teacher.report(), "prompt": cfg.prompt or "built-in",
     }
     summary = f"{len(originals)} questions, {candidates} candidate paraphrases, {len(records)} kept."
-    result = write_output(plan.output, records, report, log, components.started, summary)
-    journal.remove()
-    return result
+    return write_output(plan.output, records, report, log, components.started, summary)
 
 
 def augment(config: QatuneConfig, runtime: Runtime | None = None, generator: Generator | None = None) -> SynthResult:

@@ -123,9 +123,7 @@ def run(plan: FromDocsPlan, components: FromDocsComponents) -> SynthResult:
     }
     summary = (f"{len(documents.files)} documents, {len(chunks)} chunks, {generated} pairs generated, "
                f"{len(records)} kept.")
-    result = write_output(plan.output, records, report, log, components.started, summary)
-    journal.remove()
-    return result
+    return write_output(plan.output, records, report, log, components.started, summary)
 
 
 def from_docs(config: QatuneConfig, docs: str | Path, runtime: Runtime | None = None,

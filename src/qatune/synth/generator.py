@@ -84,11 +84,16 @@ def _messages(prompt: str, system: str | None) -> list[dict[str, str]]:
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
 
 
+def journal_file(output: Path) -> Path:
+    """Where the generation of `output` keeps its finished slices until the output is written."""
+    return output.with_suffix(".partial.jsonl")
+
+
 class Journal:
     """The outputs finished so far, one JSON line each, keyed by teacher, settings and prompt."""
 
     def __init__(self, output: Path) -> None:
-        self.path = output.with_suffix(".partial.jsonl")
+        self.path = journal_file(output)
         self.done: dict[str, str] = {}
         if self.path.is_file():
             for line in self.path.read_text(encoding="utf-8").splitlines():
@@ -117,10 +122,6 @@ class Journal:
             file.flush()
             os.fsync(file.fileno())
         self.done.update(entries)
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-
 
 def generate_in_slices(teacher: Teacher, prompts: list[str], what: str, console: "Console",
                        journal: Journal) -> tuple[list[str], int]:

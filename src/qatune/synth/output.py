@@ -17,6 +17,7 @@ from qatune.config import QatuneConfig
 from qatune.data import clean
 from qatune.data.records import EMPTY, TOO_SHORT, Conversation, DropLog
 from qatune.errors import DataError, Location
+from qatune.synth.generator import journal_file
 
 
 @dataclass
@@ -79,11 +80,13 @@ def long_enough(question: str, answer: str, config: QatuneConfig, log: DropLog, 
 
 def write_output(output: Path, records: list[dict[str, Any]], report: dict[str, Any], log: DropLog,
                  started: float, summary: str) -> SynthResult:
-    """The dataset, its drops and its report (with counts, seconds and the files written)."""
+    """The dataset, its drops and its report (with counts, seconds and the files written); then the journal
+    of the generation is removed: the output holds all it kept."""
     _, drops, report_file = output_files(output)
     atomic.write_jsonl(output, records)
     atomic.write_text(drops, log.as_jsonl())
     report = {**report, "records": len(records), "dropped": log.by_reason(), "seconds": round(time.perf_counter()
               - started, 2), "files": [output.name, drops.name, report_file.name]}
     atomic.write_json(report_file, report)
+    journal_file(output).unlink(missing_ok=True)
     return SynthResult(output, records, report, log, summary)
