@@ -110,7 +110,13 @@ class DataConfig(Section):
     )
     system: str | None = Field(None, description="System prompt for records that have none.")
     task_tag: str | None = Field(None, description="Prefix for domain questions, e.g. `[QA]` (not general data).")
-    max_length: int = Field(1024, ge=16, description="Maximum tokens per sample; longer samples are truncated.")
+    max_length: int = Field(
+        1024, ge=16, description="Maximum tokens per sample; longer samples are truncated (or dropped when not even "
+        "a quarter of it is left for the first answer). Left unset, it is chosen from the data at prepare time: the "
+        "99th percentile of the samples' token lengths rounded up to a multiple of 64 (128-4096; 1024 for plain "
+        "texts), printed with the share of samples it cuts and kept in data_report.json; a value you set is used "
+        "as given.",
+    )
     train_on_prompt: bool = Field(False, description="Also compute loss on system/user tokens.")
     on_error: Literal["raise", "skip"] = Field(
         "raise", description="On a bad record: `raise` stops with its location; `skip` drops and counts it."

@@ -16,6 +16,12 @@ naming the files, before anything is written.
 with the tokenizer it has loaded already (one load per model). Which records are accepted and how
 they become rows is the training stage's (`samples`, a `SampleBuilder`: by default the plug-in of
 train.stage); this stage reads, cleans, splits and writes the same way for all.
+
+`data.max_length` left unset is chosen from the data (`choose_max_length`): the 99th percentile of the
+conversations' full token lengths, rounded up to a multiple of 64, so about 1% of samples are cut instead
+of whatever share a fixed 1024 (or the 256 of an old example) happens to cut. A value the user sets is used
+as given. The choice and the share it cuts are printed and kept in data_report.json (`max_length_choice`),
+and the chosen value is set on the config, so the stages after (training, evaluation) use it too.
 """
 
 from __future__ import annotations
@@ -178,6 +184,8 @@ def run(plan: PreparePlan, components: PrepareComponents) -> PreparedData:
     from qatune.data.templates import template_metadata
 
     if components.reused is not None:
+        if max_length_unset(plan.config.data):  # the dataset was cut at the length chosen for it then
+            use_chosen_max_length(plan.config.data, components.reused.report["max_length"])
         return components.reused
     config, data, loaded = plan.config, plan.config.data, components.loaded
     rng = random.Random(data.seed)
@@ -189,6 +197,10 @@ def run(plan: PreparePlan, components: PrepareComponents) -> PreparedData:
     decorate(train + validation, data, tag=True)
     decorate(general, data, tag=False)
     train, mix_info = mix(train, general, data, rng)
+    choice = {"source": "config", "value": data.max_length}
+    if max_length_unset(data):
+        choice = choose_max_length(train + validation, components.tokenizer, components.template, data) or choice
+        use_chosen_max_length(data, choice["value"])
     splits = _tokenize({"train": train, "validation": validation}, config, components)
 
     report = data_report.build_report(
@@ -197,6 +209,7 @@ def run(plan: PreparePlan, components: PrepareComponents) -> PreparedData:
         version=__version__,
     )
     report["fingerprint"] = plan.fingerprint
+    report["max_length_choice"] = {**choice, **data_report.cut_share(report, loaded.log)}
     prepared = _prepared(plan.output_dir, splits, report)
     if plan.write:
         _write(prepared, plan, components.template.source, loaded.log, splits)
@@ -242,7 +255,10 @@ def fingerprint(config: QatuneConfig, inputs: list[tuple[SourceConfig, list[Path
     `prepare` would write the same dataset. Content, not mtime: an edit within the file system's time
     resolution still counts, and a file touched but unchanged is still reused."""
     digest = hashlib.sha256()
-    settings = {"data": config.data.model_dump(mode="json", exclude={"output_dir"}),
+    # An unset max_length is the data's choice (and the data is hashed below): the value the config holds
+    # after an earlier prepare chose it must not make the same inputs look new.
+    exclude = {"output_dir", "max_length"} if max_length_unset(config.data) else {"output_dir"}
+    settings = {"data": config.data.model_dump(mode="json", exclude=exclude),
                 "model": config.model.model_dump(mode="json"), "stage": config.train.stage, "version": __version__,
                 "sources": [source.model_dump(mode="json") for source, _ in inputs]}
     digest.update(json.dumps(settings, sort_keys=True).encode())
@@ -253,6 +269,47 @@ def fingerprint(config: QatuneConfig, inputs: list[tuple[SourceConfig, list[Path
                 while block := f.read(1 << 20):
                     digest.update(block)
     return digest.hexdigest()[:16]
+
+
+AUTO_PERCENTILE = 99  # an unset max_length keeps this share of samples whole
+AUTO_MULTIPLE = 64
+AUTO_MIN, AUTO_MAX = 128, 4096  # the longest a CPU trains in reasonable memory; a longer one is the user's call
+
+
+def max_length_unset(data: DataConfig) -> bool:
+    """Whether data.max_length was left to the data (neither in the config file nor on the command line)."""
+    return "max_length" not in data.model_fields_set
+
+
+def use_chosen_max_length(data: DataConfig, value: int) -> None:
+    """Give the later stages the chosen length while it stays the data's choice (unset) for the next prepare."""
+    data.max_length = value
+    data.model_fields_set.discard("max_length")
+
+
+def choose_max_length(convs: list[Conversation], tokenizer: Any, template: "ChatTemplate | None",
+                      data: DataConfig) -> dict[str, Any] | None:
+    """data.max_length for these conversations: the AUTO_PERCENTILE of their full token lengths (every turn,
+    rendered with the template), rounded up to AUTO_MULTIPLE, within [AUTO_MIN, AUTO_MAX] and the tokenizer's
+    own limit; with the share of samples longer than it (cut or dropped). None where there is nothing to
+    measure (plain texts are cut into blocks of max_length, not fitted: continued pre-training keeps it)."""
+    import numpy as np
+
+    from qatune.data.templates import tokenize
+
+    chats = [conv for conv in convs if not conv.is_text]
+    if not chats or template is None:
+        return None
+    lengths = [len(samples[0].input_ids) for _, samples in
+               tokenize(chats, tokenizer, template, max_length=1 << 30, train_on_prompt=data.train_on_prompt)
+               if samples]
+    if not lengths:
+        return None
+    measured = float(np.percentile(lengths, AUTO_PERCENTILE))
+    ceiling = min(AUTO_MAX, getattr(tokenizer, "model_max_length", AUTO_MAX) or AUTO_MAX)
+    value = int(min(max(-(-measured // AUTO_MULTIPLE) * AUTO_MULTIPLE, AUTO_MIN), max(ceiling, AUTO_MIN)))
+    return {"source": "data", "value": value, "percentile": AUTO_PERCENTILE, "measured": int(measured),
+            "samples_measured": len(lengths), "longer_share": round(sum(n > value for n in lengths) / len(lengths), 4)}
 
 
 def foreign_files(out: Path) -> list[str]:

@@ -91,6 +91,28 @@ def build_report(*, config: "QatuneConfig", tokenizer: Any, template: dict[str, 
     }
 
 
+def cut_share(report: dict[str, Any], log: Any) -> dict[str, Any]:
+    """The share of train samples max_length cut short (`truncated`) or dropped as too long, of all that
+    reached tokenization: what the length costs, for a chosen and a configured one alike."""
+    from qatune.data.records import TOO_LONG
+
+    train = report["splits"].get("train", {})
+    too_long = sum(1 for drop in log.drops if drop.reason == TOO_LONG)
+    cut = train.get("truncated", 0) + too_long
+    total = train.get("samples", 0) + too_long
+    return {"cut": cut, "too_long_dropped": too_long, "cut_share": round(cut / total, 4) if total else 0.0}
+
+
+def max_length_line(choice: dict[str, Any]) -> str:
+    """One line on data.max_length: where it comes from and what share of the samples it cuts."""
+    share = f"{choice['cut_share']:.1%} of train samples cut ({choice['too_long_dropped']} dropped as too long)"
+    if choice["source"] == "data":
+        return (f"max_length {choice['value']} chosen from the data (p{choice['percentile']} of "
+                f"{choice['samples_measured']} samples' token lengths: {choice['measured']}): {share}; "
+                "set data.max_length to choose it yourself")
+    return f"max_length {choice['value']} (data.max_length): {share}"
+
+
 def print_summary(report: dict[str, Any], console: "Console") -> None:
     """Records per source, drops per reason, token-length percentiles (CJK-width aware, via rich)."""
     from rich.table import Table
@@ -123,6 +145,8 @@ def print_summary(report: dict[str, Any], console: "Console") -> None:
         lengths.add_row(name, str(split["samples"]), str(split["tokens"]), str(split["truncated"]),
                         *(str(st[k]) for k in ("min", "p50", "p90", "p95", "p99", "max")))
     console.print(lengths)
+    if "max_length_choice" in report:  # reports written before the choice existed lack it
+        console.print(max_length_line(report["max_length_choice"]))
     if report["records_with_tools"] and not report["template"]["renders_tools"]:
         console.print(f"[yellow]warning:[/] {report['records_with_tools']} samples carry tool schemas, but the "
                       "chat template does not render `tools`: the model will not see them.")
