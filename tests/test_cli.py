@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from qatune.cli import main, parse_args
+from qatune.cli import build_parser, main, parse_args
 from qatune.cli.common import config_from, split_args
 from tests.conftest import REPO
 
@@ -64,3 +64,76 @@ def test_generate_takes_the_question_after_config_and_overrides(capsys) -> None:
     assert plain == [DEMO, "What is a fever?"] and overrides == ["serve.decoding.temperature=0"]
     assert main(["generate", "a.yaml", "b.yaml", "question?"]) == 2
     assert "at most one CONFIG" in capsys.readouterr().err
+
+
+def test_the_command_table_names_real_keys_choices_and_functions() -> None:
+    from typing import Literal, get_origin
+
+    from qatune.cli import _run_function
+    from qatune.commands import COMMANDS
+    from qatune.config.schema import field_at
+
+    for command in COMMANDS.values():
+        assert callable(_run_function(command.run)), command.name
+        for flag in command.flags:
+            if flag.key:
+                assert field_at(tuple(flag.key.split("."))) is not None, (command.name, flag.name, flag.key)
+            if flag.choices_of:
+                annotation = field_at(tuple(flag.choices_of.split("."))).annotation
+                assert Literal in {get_origin(a) for a in (annotation, *annotation.__args__)}, flag.choices_of
+
+
+def test_choices_are_the_schemas() -> None:
+    from typing import get_args
+
+    from qatune import plugins
+    from qatune.config import QatuneConfig
+    from qatune.config.data import SOURCE_FORMATS
+
+    def choices(argv: list[str], dest: str) -> tuple:
+        parser = build_parser()
+        sub = parser._subparsers._group_actions[0].choices[argv[0]]
+        for word in argv[1:]:
+            sub = sub._subparsers._group_actions[0].choices[word]
+        return tuple(next(a for a in sub._actions if a.dest == dest).choices)
+
+    assert choices(["serve"], "engine") == ("auto", *plugins.names("engine"))
+    assert choices(["data", "check"], "format") == tuple(SOURCE_FORMATS)
+    export = QatuneConfig.model_fields["export"].annotation.model_fields
+    assert choices(["export"], "gguf") == get_args(get_args(export["gguf"].annotation)[0])
+    assert choices(["export"], "quantize") == get_args(get_args(export["quantize"].annotation)[0])
+    with pytest.raises(SystemExit):
+        parse_args(["serve", "--engine", "nonesuch"])
+
+
+def test_command_line_parses_back_to_its_arguments() -> None:
+    """Every command of the table, every flag given: the CLI reads `command_line` back to the same values."""
+    from qatune.cli import _SchemaChoices
+    from qatune.commands import COMMANDS, command_line
+
+    for name, command in COMMANDS.items():
+        flags, positionals = {}, []
+        for flag in command.flags:
+            if flag.action == "store_true":
+                flags[flag.dest] = True
+            elif flag.action == "append":
+                flags[flag.dest] = ["one=a.jsonl", "two.jsonl"] if flag.dest == "adapter" else ["a.jsonl", "b.jsonl"]
+            elif flag.nargs:
+                flags[flag.dest] = [f"v{i}" for i in range(flag.nargs)]
+            elif flag.type is int:
+                flags[flag.dest] = 3
+            elif flag.choices_of:
+                flags[flag.dest] = _SchemaChoices(flag.choices_of)[-1]
+            else:
+                flags[flag.dest] = f"{flag.dest}-value"
+        takes_overrides = any(p.name == "args" for p in command.positionals)
+        positionals = ["file.jsonl"] * len(command.positionals)
+        overrides = ["train.max_steps=3"] if takes_overrides else []
+        ns = parse_args(command_line(name, *positionals, overrides=overrides, **flags))
+        assert [ns.command, *([ns.action] if " " in name else [])] == name.split()
+        for dest, value in flags.items():
+            assert getattr(ns, dest) == value, (name, dest)
+        if takes_overrides:
+            assert ns.args == [*positionals, *overrides], name
+        elif command.positionals:
+            assert getattr(ns, command.positionals[0].name) == positionals[0], name

@@ -119,14 +119,14 @@ def test_form_is_the_schema_and_speaks_the_loaders_words(tmp_path, start_studio)
         verdict = client.post("/api/train/check", json=body).json()
         with pytest.raises(ConfigError) as loader:
             load_config(None, ["train.learning_rate=-1"])
-        assert verdict["problems"] == {"train.learning_rate": loader.value.problems[0]}
-        assert "greater than 0" in verdict["problems"]["train.learning_rate"]
+        assert verdict["problems"] == {"train.learning_rate": [loader.value.problems[0]]}
+        assert "greater than 0" in verdict["problems"]["train.learning_rate"][0]
         assert not verdict["ok"]
         assert client.post("/api/train", json=body).status_code == 400  # never started with a bad field
 
         body["values"] = {"train.save_steps": "3", "train.eval_steps": "2"}  # a section-wide check, on its field
         verdict = client.post("/api/train/check", json=body).json()
-        assert "save_steps=3 is not a multiple of eval_steps=2" in verdict["problems"]["train.save_steps"]
+        assert "save_steps=3 is not a multiple of eval_steps=2" in verdict["problems"]["train.save_steps"][0]
 
         body["values"] = {"method.lora_rank": "8", "train.max_steps": "3"}
         verdict = client.post("/api/train/check", json=body).json()
@@ -203,3 +203,69 @@ def test_curves_read_the_trainers_event_files(tmp_path):
     event_file = next((tmp_path / "run" / "runs" / "second").iterdir())
     event_file.write_bytes(event_file.read_bytes()[:-5])
     assert curves(tmp_path / "run")["train"] == [[1, 3.0], [2, pytest.approx(2.4)]]
+
+
+def test_form_check_shows_every_problem_each_its_own_message(tmp_path, start_studio):
+    studio = start_studio(tmp_path / "ws")
+    body = {"run": "r1", "sources": ["data/qa.jsonl"], "values": {"data.max_length": "-1", "data.max_lenght": "3"}}
+    with httpx.Client(base_url=studio.url) as client:
+        verdict = client.post("/api/train/check", json=body).json()
+        assert client.post("/api/train", json=body).status_code == 400
+    with pytest.raises(ConfigError) as loader:
+        load_config(None, ["data.max_length=-1"])
+    assert verdict["problems"] == {"data.max_length": loader.value.problems}
+    assert verdict["other"] == ["data.max_lenght: not a field of the training form"]
+    assert not verdict["ok"]
+
+
+def test_the_commands_the_studio_starts_parse_back_to_their_arguments(tmp_path):
+    """Every job the studio starts is a command line from the command table that the CLI's own parser
+    reads back to the page's arguments."""
+    from fastapi.testclient import TestClient
+
+    from qatune.cli import parse_args
+    from qatune.studio.app import create_app
+    from qatune.studio.jobs import Job
+
+    started: list[Job] = []
+
+    class Recorder(JobRunner):
+        def start(self, kind, args, output=None, port=None, env=None):
+            started.append(Job(f"job{len(started)}", kind, list(args), output, port=port))
+            return started[-1]
+
+    space = Workspace(tmp_path / "ws")
+    app = create_app(space)
+    app.state.studio.runner = Recorder(space)
+    form = {"run": "r1", "sources": ["data/qa.jsonl"], "values": {"train.max_steps": "3"}}
+    model_job = {"base": "models/tiny", "run": "r1"}
+    requests = [
+        ("/api/check", {"path": "data/qa.jsonl", "dataset": "a,b"},
+         {"command": "data", "action": "check", "file": "data/qa.jsonl", "format": "auto", "dataset": "a,b",
+          "encoding": "utf-8"}),
+        ("/api/prepare", form, {"command": "data", "action": "prepare", "args": [
+            "data.sources=[data/qa.jsonl]", "data.output_dir=prepared/r1", "train.output_dir=runs/r1",
+            "train.max_steps=3"]}),
+        ("/api/train?resume=true", form, {"command": "train", "nproc": 1, "args": [
+            "data.sources=[data/qa.jsonl]", "data.output_dir=prepared/r1", "train.output_dir=runs/r1",
+            "train.max_steps=3", "train.resume=true"]}),
+        ("/api/eval", {**model_job, "data": "data/qa.jsonl", "extra": ["eval.max_samples=2"]},
+         {"command": "eval", "compare": ["models/tiny", "runs/r1"], "data": ["data/qa.jsonl"], "out": "runs/r1/eval",
+          "model": None, "args": ["eval.max_samples=2"]}),
+        ("/api/summarize", {"sheet": "runs/r1/eval/review_sheet.csv"},
+         {"command": "eval", "args": ["summarize", "runs/r1/eval/review_sheet.csv"]}),
+        ("/api/export", {**model_job, "gguf": "f16", "force": True, "extra": ["export.dtype=float32"]},
+         {"command": "export", "model": "models/tiny", "adapter": "runs/r1", "out": "exports/r1", "gguf": "f16",
+          "quantize": None, "force": True, "gguf_adapter": False, "args": ["export.dtype=float32"]}),
+        ("/api/chat", {**model_job, "extra": ["serve.decoding.max_new_tokens=8"]},
+         {"command": "serve", "model": "models/tiny", "adapter": ["r1=runs/r1"], "engine": None,
+          "args": ["serve.decoding.max_new_tokens=8"]}),
+    ]
+    with TestClient(app, base_url="http://127.0.0.1") as client:  # a loopback Host, as the guard wants
+        for path, body, _ in requests:
+            assert client.post(path, json=body).status_code == 200, path
+    assert len(started) == len(requests)
+    for job, (path, _, expected) in zip(started, requests):
+        ns = parse_args(job.args)
+        assert {k: getattr(ns, k) for k in expected} == expected, path
+    assert parse_args(started[-1].args).port == started[-1].port  # the chat server's port

@@ -2,7 +2,8 @@
 
 Every field of the form sections is a schema field: its description is the help, its default is
 shown, and a value is checked by `load_config` exactly as `qatune train key=value` checks it, so
-the page shows the schema's own messages. Only what differs from a default goes into the command.
+the page shows the schema's own messages, every one of them. Only what differs from a default goes
+into the command.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import shlex
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from qatune.commands import command_line
 from qatune.config import QatuneConfig, load_config, type_name
 from qatune.config.schema import inner_model
 from qatune.errors import ConfigError
@@ -33,6 +35,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                           "train.gradient_accumulation_steps": 4, "train.num_epochs": 2},
 }
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class TrainForm(BaseModel):
+    """The training form as a page sends it: the run's name, the data files picked, the fields changed."""
+
+    run: str
+    sources: list[str] = Field(default_factory=list)
+    values: dict[str, str] = Field(default_factory=dict)
 
 
 def _widget(annotation: Any) -> tuple[str, list[Any]]:
@@ -88,15 +98,24 @@ def _problem_key(problem: str, keys: list[str]) -> str | None:
     return min(found)[1] if found else None
 
 
-def train_overrides(workspace: Workspace, run: str, sources: list[str], values: dict[str, str]) -> list[str]:
+def train_overrides(workspace: Workspace, form: TrainForm) -> list[str]:
     """The `key=value` arguments of `qatune train` for this form: the run's folders, the data, the
-    changed fields (in the form's order). Paths are checked to stay inside the workspace."""
+    changed fields (in the form's order). Paths are checked to stay inside the workspace; a key the form
+    does not have is refused (ConfigError naming each)."""
+    off_form = _off_form(form.values)
+    if off_form:
+        raise ConfigError(off_form)
+    return _overrides(workspace, form.run, form.sources, form.values)
+
+
+def _off_form(values: dict[str, str]) -> list[str]:
+    keys = {f["key"] for f in schema_fields()}
+    return [f"{k}: not a field of the training form" for k in values if k not in keys]
+
+
+def _overrides(workspace: Workspace, run: str, sources: list[str], values: dict[str, str]) -> list[str]:
     if not RUN_NAME.fullmatch(run or ""):
         raise PathRefused(f"run name {run!r}: use letters, digits, '-', '_' and '.' (up to 64)")
-    keys = {f["key"] for f in schema_fields()}
-    unknown = [k for k in values if k not in keys]
-    if unknown:
-        raise ConfigError([f"{k}: not a field of the training form" for k in unknown])
     for path in sources:
         workspace.resolve(path)
     model = values.get("model.name_or_path", "default")
@@ -107,19 +126,24 @@ def train_overrides(workspace: Workspace, run: str, sources: list[str], values: 
     return args + [f"{k}={v}" for k, v in values.items() if k != "model.name_or_path"]
 
 
-def check(overrides: list[str]) -> dict[str, Any]:
-    """The loader's verdict on the form: problems by field (others apart) and the command."""
+def check(workspace: Workspace, form: TrainForm) -> dict[str, Any]:
+    """The verdict on the form: every problem, each its own message (the keys it has not and all the loader
+    reports, field errors and rules across sections alike), by field where one is named, the others apart;
+    the overrides and the command."""
     keys = [f["key"] for f in schema_fields()]
-    by_field: dict[str, str] = {}
-    other: list[str] = []
+    problems = _off_form(form.values)
+    overrides = _overrides(workspace, form.run, form.sources, {k: v for k, v in form.values.items() if k in keys})
     try:
         load_config(None, overrides)
     except ConfigError as exc:
-        for problem in exc.problems:
-            key = _problem_key(problem, keys)
-            if key and key not in by_field:
-                by_field[key] = problem
-            else:
-                other.append(problem)
-    return {"ok": not by_field and not other, "problems": by_field, "other": other,
-            "command": "qatune " + shlex.join(["train", *overrides])}
+        problems += exc.problems
+    by_field: dict[str, list[str]] = {}
+    other: list[str] = []
+    for problem in problems:
+        key = _problem_key(problem, keys)
+        if key:
+            by_field.setdefault(key, []).append(problem)
+        else:
+            other.append(problem)
+    return {"ok": not problems, "problems": by_field, "other": other, "overrides": overrides,
+            "command": "qatune " + shlex.join(command_line("train", overrides=overrides))}

@@ -1,0 +1,27 @@
+"""Jobs of every page: the list, one job with its log from an offset, and stopping one (as Ctrl-C)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from qatune.studio.state import Studio
+
+router = APIRouter()
+
+
+@router.get("/api/jobs")
+async def jobs(studio: Studio) -> dict[str, Any]:
+    return {"jobs": [j.as_dict() for j in studio.runner.jobs()]}
+
+
+@router.get("/api/jobs/{job_id}")
+async def job(job_id: str, studio: Studio, offset: int = 0) -> dict[str, Any]:
+    text, after = studio.runner.log(job_id, offset)
+    return {**studio.runner.get(job_id).as_dict(), "log": text, "offset": after}
+
+
+@router.post("/api/jobs/{job_id}/stop")
+async def stop(job_id: str, studio: Studio) -> dict[str, Any]:
+    return studio.runner.stop(job_id).as_dict()
