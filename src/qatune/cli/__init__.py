@@ -49,8 +49,9 @@ def _add_command(commands: argparse._SubParsersAction, word: str, command: Comma
         parser.add_argument(positional.name, nargs=positional.nargs, metavar=positional.metavar, help=positional.help)
     for flag in command.flags:
         # `%(choices)s` and a metavar: argparse reads the choices only to check a value or print this help
-        options = {"help": flag.help + (" (one of %(choices)s)" if flag.choices_of else ""), "metavar": flag.metavar, "type": flag.type, "nargs": flag.nargs,
-                   "choices": _SchemaChoices(flag.choices_of) if flag.choices_of else None, "default": flag.default}
+        options = {"help": flag.help + (" (one of %(choices)s)" if flag.choices_of else ""),
+                   "choices": _SchemaChoices(flag.choices_of) if flag.choices_of else None,
+                   "metavar": flag.metavar, "type": flag.type, "nargs": flag.nargs, "default": flag.default}
         parser.add_argument(flag.name, action=flag.action or "store",
                             **{k: v for k, v in options.items() if v is not None})
     parser.set_defaults(run=command.run, flag_keys=command.flag_keys)
