@@ -192,3 +192,25 @@ def test_tune_summary_masks_a_storage_password() -> None:
 
     assert mask_url_password("postgresql://bob:hunter2@db:5432/optuna") == "postgresql://bob:***@db:5432/optuna"
     assert mask_url_password("sqlite:///outputs/tune/study.db") == "sqlite:///outputs/tune/study.db"
+
+
+def test_the_train_report_reads_back_what_it_wrote_and_a_file_older_qatune_wrote(tmp_path) -> None:
+    from qatune.reports import SCHEMA_VERSION, read_report, write_report
+    from qatune.train.report import EvalLossSummary, TrainReport
+
+    path = tmp_path / "train_report.json"
+    report = TrainReport(method="lora", global_step=3, eval_loss=EvalLossSummary(None, None, 1.0, 2.7, 2, 1.5, 4.5, 3),
+                         stage_metrics={"final_eval_reward_accuracy": 1.0})
+    write_report(report, path)
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    # The stage's figures and the eval losses stand at the top level, as the keys readers know.
+    assert saved["schema_version"] == SCHEMA_VERSION and saved["final_eval_reward_accuracy"] == 1.0
+    assert saved["best_step"] == 2 and saved["initial_eval_loss"] is None
+    assert not {"stage_metrics", "eval_loss", "evaluation"} & set(saved)
+    assert read_report(TrainReport, path) == report
+    # Before schema_version (and, older still, loss_history): read with the defaults.
+    path.write_text(json.dumps({k: v for k, v in saved.items() if k not in ("schema_version", "loss_history")}),
+                    encoding="utf-8")
+    assert read_report(TrainReport, path) == report
+    write_report(TrainReport(), path)  # a run without eval data writes no eval-loss key
+    assert "final_eval_loss" not in json.loads(path.read_text(encoding="utf-8"))
