@@ -11,7 +11,7 @@ from qatune import plugins
 from qatune.config.base import Section
 
 SOURCE_FORMATS = ("auto", *plugins.names("format"))
-NAMED_TEMPLATES = ("chatml", "llama3", "gemma", "alpaca", "default")
+NAMED_TEMPLATES = ("chatml", "llama3", "alpaca", "default", "gemma")
 
 
 class SharegptTags(Section):

@@ -47,16 +47,6 @@ NAMED_TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
         "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}",
         (),
     ),
-    # Gemma's turn template (google/gemma-3-*-it): the assistant is `model`; Gemma has no system turn, so a
-    # system prompt opens the first user turn, and a tool result is a user turn.
-    "gemma": (
-        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] + '\n\n' %}"
-        "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
-        "{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
-        "{{ '<start_of_turn>' + role + '\n' + (system if loop.first else '') + message['content'] + '<end_of_turn>\n' }}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}",
-        ("<start_of_turn>", "<end_of_turn>"),
-    ),
     "default": (
         "{% if messages[0]['role'] == 'system' %}{{ 'System: ' + messages[0]['content'] + '\\n' }}{% endif %}"
         "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'Human: ' + message['content'] + '\\n' }}"
@@ -64,6 +54,16 @@ NAMED_TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
         "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token + '\\n' }}"
         "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}",
         (),
+    ),
+    # Gemma's turn template (google/gemma-3-*-it): the assistant is `model`; Gemma has no system turn, so a
+    # system prompt opens the first user turn, and a tool result is a user turn.
+    "gemma": (
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] + '\\n\\n' %}"
+        "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
+        "{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
+        "{{ '<start_of_turn>' + role + '\\n' + (system if loop.first else '') + message['content'] + '<end_of_turn>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}",
+        ("<start_of_turn>", "<end_of_turn>"),
     ),
 }
 
