@@ -27,6 +27,6 @@ def train_and_evaluate(config: QatuneConfig, runtime: "Runtime") -> tuple["Train
 
     gc.collect()  # the trained model and the Trainer's cycles go before two models are loaded for evaluation
     evaluation = evaluate_after_training(config, runtime, result.output_dir, result.held_out)
-    result.report["evaluation"] = evaluation.headline()
+    result.report.evaluation = evaluation.headline()
     write_report(result.report, result.output_dir)
     return result, evaluation

@@ -37,4 +37,4 @@ def test_lora_teaches_the_default_model_a_new_answer(tmp_path) -> None:
     row = result.preview[0]
     assert "HERON-7731" not in row["base"]
     assert "HERON-7731" in row["tuned"], row
-    assert result.report["final_eval_loss"] < result.report["initial_eval_loss"] / 2
+    assert result.report.eval_loss.final_eval_loss < result.report.eval_loss.initial_eval_loss / 2

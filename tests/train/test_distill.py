@@ -218,11 +218,11 @@ def test_a_student_cut_from_the_default_model_saves_exports_and_answers(tmp_path
     out = result.output_dir
     saved = json.loads((out / "config.json").read_text())
     assert saved["num_hidden_layers"] == 4
-    assert result.report["total_parameters"] < 0.5 * 134_515_008  # the default model's 135M, embeddings included
+    assert result.report.total_parameters < 0.5 * 134_515_008  # the default model's 135M, embeddings included
     exported = export(load_config(None, [f"model={out}", f"export.output_dir={tmp_path / 'exported'}",
                                          "export.gguf=f16", "export.check_questions=['What is a spider?']",
                                          "export.check_max_new_tokens=8"]))
-    checks = exported.report["checks"]
+    checks = exported.report.checks
     # the folder written and its GGUF answer like the student as trained, token for token
     assert checks["saved"]["identical"] == 1 and checks["gguf"]["identical"] == 1, checks
-    assert exported.report["smoke_answer"]["answer"].strip()
+    assert exported.report.smoke_answer["answer"].strip()

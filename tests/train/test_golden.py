@@ -27,6 +27,6 @@ def test_losses_after_four_steps_are_the_recorded_figures(stage, tmp_path, tiny_
     report = train(tiny_config(tmp_path, tiny_model_dir, data, f"train.stage={stage}", *SETTINGS,
                                *(["data.max_length=32"] if stage == "pt" else []))).report
     train_loss, eval_loss = GOLDEN[stage]
-    assert report["global_step"] == 4
-    assert report["final_train_loss"] == pytest.approx(train_loss, abs=1e-3)
-    assert report["final_eval_loss"] == pytest.approx(eval_loss, abs=1e-3)
+    assert report.global_step == 4
+    assert report.final_train_loss == pytest.approx(train_loss, abs=1e-3)
+    assert report.eval_loss.final_eval_loss == pytest.approx(eval_loss, abs=1e-3)

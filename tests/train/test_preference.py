@@ -120,7 +120,7 @@ def test_qlora_dpo_keeps_fp32_adapters_on_the_4bit_base_and_trains(tmp_path, tin
         trainable = [p for p in components.model.parameters() if p.requires_grad]
         assert trainable and all(p.dtype == torch.float32 for p in trainable)  # TRL's bf16 cast undone
         result = run.run(plan, components)
-    assert result.report["final_eval_reward_margin"] > result.report["initial_eval_reward_margin"]
+    assert result.report.stage_metrics["final_eval_reward_margin"] > result.report.stage_metrics["initial_eval_reward_margin"]
 
 
 def test_preference_stages_refuse_where_trl_cannot_run(tmp_path, tiny_model_dir, monkeypatch) -> None:

@@ -59,4 +59,4 @@ def test_dpo_moves_the_default_models_greedy_answers_to_the_preferred_style(tmp_
     after = greedy_answers(str(result.output_dir))
     moved = [a for a in after if a.startswith(MARKER)]
     assert len(moved) >= 3, after  # most of the unseen questions
-    assert result.report["final_train_reward_accuracy"] == 1.0
+    assert result.report.stage_metrics["final_train_reward_accuracy"] == 1.0

@@ -63,7 +63,7 @@ def test_pt_lowers_perplexity_on_held_out_domain_text(tmp_path, tiny_model_dir, 
                          "train.learning_rate=3e-3")
     result = train(config)
     report = result.report
-    assert report["final_eval_perplexity"] < report["initial_eval_perplexity"] / 2
+    assert report.eval_loss.final_eval_perplexity < report.eval_loss.initial_eval_perplexity / 2
 
     tokenizer = load_tokenizer(config.model)
     base = load_model(ModelConfig(name_or_path=str(tiny_model_dir)), dtype=torch.float32)

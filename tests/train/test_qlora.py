@@ -41,7 +41,7 @@ def test_qlora_trains_saves_loads_back_and_merges(tmp_path, tiny_model_dir, qa_f
     from qatune.export.run import export
 
     result = train(tiny_config(tmp_path, tiny_model_dir, qa_file, "method.name=qlora", "train.max_steps=2"))
-    assert result.report["global_step"] == 2
+    assert result.report.global_step == 2
     out = result.output_dir
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
     base_cfg = ModelConfig(name_or_path=str(tiny_model_dir))
@@ -59,7 +59,7 @@ def test_qlora_trains_saves_loads_back_and_merges(tmp_path, tiny_model_dir, qa_f
     exported = export(load_config(None, [f"model={tiny_model_dir}", f"export.adapter={out}",
                                          f"export.output_dir={tmp_path / 'export'}", "export.dtype=float32"]),
                       Runtime(device="cpu", console=Console(file=io.StringIO())))
-    merged_check = exported.report["checks"]["merged"]
+    merged_check = exported.report.checks["merged"]
     assert merged_check["identical"] == merged_check["questions"]
     torch.testing.assert_close(_logits(load_model(ModelConfig(name_or_path=str(tmp_path / "export")),
                                                   torch.float32)), with_adapter, atol=1e-4, rtol=1e-4)
@@ -111,7 +111,7 @@ def test_each_offered_optimizer_trains_two_steps(tmp_path, tiny_model_dir, qa_fi
     # full fine-tuning: the embedding is large enough for bitsandbytes' 8-bit state (lora's tiny A/B stay fp32)
     result = train(tiny_config(tmp_path, tiny_model_dir, qa_file, "method.name=full", f"train.optimizer={optimizer}",
                                "train.max_steps=2", "train.eval_steps=2"), callbacks=[Record()])
-    assert result.report["global_step"] == 2
+    assert result.report.global_step == 2
     assert seen["class"] == OPTIMIZER_CLASSES[optimizer]
     assert seen["fused"] is (True if optimizer == "adamw_torch_fused" else seen["fused"])
     assert seen["uint8"] is optimizer.endswith("_8bit")

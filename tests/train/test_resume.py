@@ -62,10 +62,10 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_d
     assert last_logged - last_checkpoint <= 5, "at most one save interval lost"
 
     resumed = train(tiny_config(tmp_path / "b", tiny_model_dir, qa_file, *RUN, "train.resume=true")).report
-    assert resumed["resumed_from"].endswith(f"checkpoint-{last_checkpoint}")
-    assert resumed["global_step"] == reference["global_step"] == STEPS
-    assert resumed["final_train_loss"] == pytest.approx(reference["final_train_loss"], abs=1e-4)
-    assert resumed["final_eval_loss"] == pytest.approx(reference["final_eval_loss"], abs=1e-4)
+    assert resumed.resumed_from.endswith(f"checkpoint-{last_checkpoint}")
+    assert resumed.global_step == reference.global_step == STEPS
+    assert resumed.final_train_loss == pytest.approx(reference.final_train_loss, abs=1e-4)
+    assert resumed.eval_loss.final_eval_loss == pytest.approx(reference.eval_loss.final_eval_loss, abs=1e-4)
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model_dir, qa_file) -> None:
@@ -80,7 +80,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model_dir, q
     assert complete_checkpoints(run_dir)[-1].name == f"checkpoint-{stopped}", "saved where it stopped"
     assert "train.resume=true" in output and "Traceback" not in output
     resumed = train(tiny_config(tmp_path, tiny_model_dir, qa_file, *RUN, "train.resume=true")).report
-    assert resumed["global_step"] == STEPS
+    assert resumed.global_step == STEPS
 
 
 class StopAfter(TrainerCallback):
@@ -113,6 +113,6 @@ def test_preference_and_distill_runs_resume_where_they_stopped(tmp_path, tiny_mo
     train(tiny_config(tmp_path / "b", tiny_model_dir, data, *run), callbacks=[StopAfter(3)])
     assert [p.name for p in complete_checkpoints(tmp_path / "b" / "run")] == ["checkpoint-3"]
     resumed = train(tiny_config(tmp_path / "b", tiny_model_dir, data, *run, "train.resume=true")).report
-    assert resumed["resumed_from"].endswith("checkpoint-3")
-    assert resumed["global_step"] == reference["global_step"] == 6
-    assert resumed["final_train_loss"] == pytest.approx(reference["final_train_loss"], abs=1e-4)
+    assert resumed.resumed_from.endswith("checkpoint-3")
+    assert resumed.global_step == reference.global_step == 6
+    assert resumed.final_train_loss == pytest.approx(reference.final_train_loss, abs=1e-4)

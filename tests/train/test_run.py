@@ -11,6 +11,7 @@ import torch
 from qatune.config import ModelConfig
 from qatune.errors import ConfigError
 from qatune.models import load_model
+from qatune.reports import report_json
 from qatune.runtime import Runtime
 from qatune.train.methods import MethodError
 from qatune.train.run import TrainError, complete_checkpoints, train
@@ -29,20 +30,20 @@ def test_loss_falls_and_report_is_complete(tmp_path, tiny_model_dir, qa_file) ->
                          "train.preview_questions=2", "eval.decoding.max_new_tokens=8")
     result = train(config)
     report = result.report
-    assert report["final_eval_loss"] < report["initial_eval_loss"] - 0.5
-    train_losses = [e["loss"] for e in json.loads((result.output_dir / "checkpoint-" f"{report['global_step']}" /
+    assert report.eval_loss.final_eval_loss < report.eval_loss.initial_eval_loss - 0.5
+    train_losses = [e["loss"] for e in json.loads((result.output_dir / "checkpoint-" f"{report.global_step}" /
                                                    "trainer_state.json").read_text())["log_history"] if "loss" in e]
     assert train_losses[-1] < train_losses[0] - 0.5
-    assert report["best_eval_loss"] <= report["final_eval_loss"]
-    assert report["initial_eval_perplexity"] == pytest.approx(torch.tensor(report["initial_eval_loss"]).exp().item())
-    assert report["tokens_seen"] > 0 and report["tokens_per_s"] > 0 and report["peak_memory_mib"]["process_rss"] > 0
-    assert report["global_step"] == 4 * 5  # 18 train samples / batch 4 = 5 steps per epoch
+    assert report.eval_loss.best_eval_loss <= report.eval_loss.final_eval_loss
+    assert report.eval_loss.initial_eval_perplexity == pytest.approx(torch.tensor(report.eval_loss.initial_eval_loss).exp().item())
+    assert report.tokens_seen > 0 and report.tokens_per_s > 0 and report.peak_memory_mib["process_rss"] > 0
+    assert report.global_step == 4 * 5  # 18 train samples / batch 4 = 5 steps per epoch
     out = result.output_dir
     for name in ("model.safetensors", "config.json", "tokenizer.json", "config.yaml",
                  "generation_config.json", "loss_curve.png", "train_report.json"):
         assert (out / name).is_file(), name
     assert list((out / "runs").rglob("events.out.tfevents.*")), "TensorBoard logs"
-    assert json.loads((out / "train_report.json").read_text())["final_eval_loss"] == report["final_eval_loss"]
+    assert json.loads((out / "train_report.json").read_text())["final_eval_loss"] == report.eval_loss.final_eval_loss
     # The tuned model stops at the template's end-of-turn, not only at eos.
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [2]
     assert [set(row) for row in result.preview] == [{"prompt", "question", "reference", "base", "tuned"}] * 2
@@ -57,7 +58,7 @@ def test_each_method_trains_two_steps_saves_and_loads_back(tmp_path, tiny_model_
 
     config = tiny_config(tmp_path, tiny_model_dir, qa_file, f"method.name={method}", "train.max_steps=2")
     result = train(config)
-    assert result.report["global_step"] == 2
+    assert result.report.global_step == 2
     out = result.output_dir
     base = state_dict(load_model(ModelConfig(name_or_path=str(tiny_model_dir)), dtype=torch.float32))
     probe = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356]])
@@ -84,12 +85,12 @@ def test_each_method_trains_two_steps_saves_and_loads_back(tmp_path, tiny_model_
 
 def test_second_run_reuses_prepared_data_and_refuses_to_mix_runs(tmp_path, tiny_model_dir, qa_file) -> None:
     config = tiny_config(tmp_path, tiny_model_dir, qa_file, "train.max_steps=1")
-    assert train(config).report["data_reused"] is False
+    assert train(config).report.data_reused is False
     with pytest.raises(TrainError, match="already holds a run") as info:
         train(config)
     assert "train.resume=true" in str(info.value) and "overwrite_output_dir" in str(info.value)
     again = tiny_config(tmp_path, tiny_model_dir, qa_file, "train.max_steps=1", "train.overwrite_output_dir=true")
-    assert train(again).report["data_reused"] is True
+    assert train(again).report.data_reused is True
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path, tiny_model_dir, qa_file) -> None:
@@ -140,7 +141,7 @@ def test_early_stopping_stops_when_eval_loss_stalls(tmp_path, tiny_model_dir, qa
                          "train.learning_rate=1e-9", "train.early_stopping_patience=2",
                          "train.early_stopping_threshold=0.01")
     report = train(config).report
-    assert report["stopped_early"] and report["global_step"] <= 4
+    assert report.stopped_early and report.global_step <= 4
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -154,9 +155,9 @@ def test_fast_paths_train_exactly_like_the_plain_path(tmp_path, tiny_model_dir, 
     fast = train(tiny_config(tmp_path / "fast", tiny_model_dir, qa_file, *common))
     plain = train(tiny_config(tmp_path / "plain", tiny_model_dir, qa_file, *common, "train.padding_free=false",
                               "train.chunked_loss=false", "train.lean_dropout=false"))
-    assert fast.report["tokens_seen"] == plain.report["tokens_seen"] > 0  # non-padding tokens, counted alike
+    assert fast.report.tokens_seen == plain.report.tokens_seen > 0  # non-padding tokens, counted alike
     for key in ("initial_eval_loss", "final_eval_loss", "final_train_loss"):
-        assert fast.report[key] == pytest.approx(plain.report[key], abs=2e-5), key
+        assert report_json(fast.report)[key] == pytest.approx(report_json(plain.report)[key], abs=2e-5), key
     weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
     fast_weights, plain_weights = (load_file(str(r.output_dir / weights)) for r in (fast, plain))
     assert fast_weights.keys() == plain_weights.keys()

@@ -10,7 +10,7 @@ from qatune.cli.common import UsageError, config_from, make_runtime, split_args
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
-    from qatune.eval import report
+    from qatune.eval import render
     from qatune.eval.run import ModelSpec, evaluate, tuned_spec
 
     plain, _ = split_args(ns.args)
@@ -25,9 +25,9 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         specs = [ModelSpec("model", config.model.name_or_path, ns.adapter)]
     runtime = make_runtime()
     result = evaluate(config, specs, runtime=runtime)
-    report.print_summary(result.report, runtime.console)
-    runtime.console.print(f"Wrote {result.output_dir}/ ({', '.join(result.report['files'])})")
-    gate = result.report.get("gate")
+    render.print_summary(result.report, runtime.console)
+    runtime.console.print(f"Wrote {result.output_dir}/ ({', '.join(result.report.files)})")
+    gate = result.report.gate
     if gate is not None and not gate["passed"]:  # a pipeline promotes only what passed: a distinct exit code
         print("the promotion gate failed:\n" + "\n".join(f"- {r}" for r in gate["reasons"]), file=sys.stderr)
         return 3

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qatune import __version__
 from qatune import files as atomic
 from qatune.config import QatuneConfig
 from qatune.recipe import execute
@@ -45,8 +44,16 @@ from qatune.train.checkpoints import (
 )
 
 if TYPE_CHECKING:
+    from accelerate import PartialState
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+
+    from qatune.data.prepare import PreparedData
+    from qatune.data.templates import ChatTemplate
     from qatune.runtime import Runtime
+    from qatune.train.fast_paths import FastPaths
+    from qatune.train.methods import ParameterCount
     from qatune.train.stages.base import TrainingStage
+    from qatune.train.trainer import FlowControl
 
 __all__ = ["TrainCompleted", "TrainError", "TrainInterrupted", "TrainPlan", "TrainResult", "TrainWorkerDone",
            "complete_checkpoints", "plan", "run", "setup", "train"]
@@ -55,7 +62,7 @@ __all__ = ["TrainCompleted", "TrainError", "TrainInterrupted", "TrainPlan", "Tra
 @dataclass(frozen=True)
 class TrainCompleted:
     output_dir: Path
-    report: dict[str, Any]
+    report: train_report.TrainReport
     preview: list[dict[str, str]] = field(default_factory=list)
     held_out: Any = None  # the validation split (a datasets.Dataset), for evaluation after training
 
@@ -99,16 +106,16 @@ class TrainPlan:
 
 @dataclass
 class TrainComponents:
-    tokenizer: Any
-    template: Any
-    data: Any  # LoadedData: train and validation splits
+    tokenizer: "PreTrainedTokenizerBase"
+    template: "ChatTemplate"
+    data: "PreparedData"  # train and validation splits
     data_reused: bool
-    model: Any
-    parameters: Any  # ParameterCount
-    fast: Any  # FastPaths
-    trainer: Any
-    flow: Any  # FlowControl
-    processes: Any  # accelerate's PartialState
+    model: "PreTrainedModel"  # with the method applied (a PeftModel for adapters)
+    parameters: "ParameterCount"
+    fast: "FastPaths"
+    trainer: "Trainer"
+    flow: "FlowControl"
+    processes: "PartialState"  # accelerate's: one process, or one of several
 
 
 def plan(config: QatuneConfig, runtime: "Runtime", callbacks: Sequence[Any] = ()) -> TrainPlan:
