@@ -116,3 +116,15 @@ def test_preference_and_distill_runs_resume_where_they_stopped(tmp_path, tiny_mo
     assert resumed.resumed_from.endswith("checkpoint-3")
     assert resumed.global_step == reference.global_step == 6
     assert resumed.final_train_loss == pytest.approx(reference.final_train_loss, abs=1e-4)
+
+
+def test_a_max_length_the_data_chose_is_no_change_on_resume(tmp_path) -> None:
+    """A run whose data.max_length was left unset wrote the chosen value to its config.yaml; resuming with the
+    same config (still unset) continues it, and a length the user sets is compared as any other key."""
+    from qatune.config import load_config
+    from qatune.train.checkpoints import _config_changes
+
+    saved = tmp_path / "config.yaml"
+    saved.write_text(load_config(None, ["data.max_length=384"]).to_yaml(), encoding="utf-8")
+    assert _config_changes(saved, load_config(None, [])) == []
+    assert _config_changes(saved, load_config(None, ["data.max_length=512"])) == ["data.max_length: 384 -> 512"]

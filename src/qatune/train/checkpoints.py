@@ -149,8 +149,12 @@ def _config_changes(saved_path: Path, config: QatuneConfig) -> list[str]:
     # Both sides as written to files: a secret (never written) is no change, nor a masked URL password.
     before, now = _flatten(saved), _flatten(config.file_dump())
     secrets = _flatten(config.model_dump(mode="json")).keys() - now.keys()  # an older file may hold them
+    # A data.max_length left unset is the data's choice, written to the run's file once prepare made it: this
+    # config holds it only after its own prepare, so the unset value is not a change.
+    chosen = set() if "max_length" in config.data.model_fields_set else {"data.max_length"}
     return [f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(before.keys() | now.keys())
-            if before.get(key) != now.get(key) and not key.startswith(RESUMABLE_CHANGES) and key not in secrets]
+            if before.get(key) != now.get(key) and not key.startswith(RESUMABLE_CHANGES)
+            and key not in secrets | chosen]
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
