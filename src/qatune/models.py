@@ -25,7 +25,6 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
