@@ -175,3 +175,22 @@ def test_the_real_gemma_tunes_on_chinese_and_answers_in_chinese(tmp_path) -> Non
     answer = generate(model, tokenizer, template.source, [[{"role": "user", "content": "感冒发烧了应该注意什么？"}]],
                       DecodingConfig(max_new_tokens=24), template.end_of_turn_id)[0].text
     assert sum("\u4e00" <= ch <= "\u9fff" for ch in answer) >= 5, answer
+
+
+def test_the_learning_rate_advice_knows_the_rate_measured_on_gemma() -> None:
+    from qatune.config import load_config
+    from qatune.train.learning_rate_advice import (
+        GEMMA_LORA_RATE,
+        learning_rate_warning,
+        plan_warnings,
+        suggested_learning_rate,
+    )
+
+    parameters = 268_098_176  # gemma-3-270m
+    assert suggested_learning_rate("lora", parameters, GEMMA_MODEL).learning_rate == GEMMA_LORA_RATE
+    assert "SmolLM2" in suggested_learning_rate("lora", parameters).source, "another model of its size: by size"
+    assert learning_rate_warning("lora", "sft", GEMMA_LORA_RATE, parameters, GEMMA_MODEL) is None
+    far = learning_rate_warning("lora", "sft", GEMMA_LORA_RATE * 10, parameters, GEMMA_MODEL)
+    assert far and "measured best for LoRA on gemma-3-270m" in far
+    warnings = plan_warnings(load_config(None, [f"model={GEMMA_MODEL}", f"train.learning_rate={GEMMA_LORA_RATE * 10}"]))
+    assert len(warnings) == 1 and "measured best for LoRA on gemma-3-270m" in warnings[0]
