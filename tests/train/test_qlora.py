@@ -71,15 +71,15 @@ def test_qlora_eval_loss_is_near_loras(tmp_path, tiny_model_dir, qa_file) -> Non
         started = time.perf_counter()
         reports[method] = train(tiny_config(tmp_path / method, tiny_model_dir, qa_file, f"method.name={method}",
                                             "train.max_steps=10", "train.eval_steps=10",
-                                            "train.learning_rate=5e-3")).report
+                                            "train.learning_rate=5e-3")).report.eval_loss
         seconds[method] = time.perf_counter() - started
-    fall = {m: r["initial_eval_loss"] - r["final_eval_loss"] for m, r in reports.items()}
-    print(f"eval loss after 10 steps: lora {reports['lora']['final_eval_loss']:.4f} (fell {fall['lora']:.4f}), "
-          f"qlora {reports['qlora']['final_eval_loss']:.4f} (fell {fall['qlora']:.4f}); "
+    fall = {m: r.initial_eval_loss - r.final_eval_loss for m, r in reports.items()}
+    print(f"eval loss after 10 steps: lora {reports['lora'].final_eval_loss:.4f} (fell {fall['lora']:.4f}), "
+          f"qlora {reports['qlora'].final_eval_loss:.4f} (fell {fall['qlora']:.4f}); "
           f"run wall time lora {seconds['lora']:.1f} s, qlora {seconds['qlora']:.1f} s")
     assert fall["lora"] > 0.1
     assert fall["qlora"] == pytest.approx(fall["lora"], rel=QLORA_VS_LORA)
-    assert abs(reports["qlora"]["final_eval_loss"] - reports["lora"]["final_eval_loss"]) < QLORA_VS_LORA * fall["lora"]
+    assert abs(reports["qlora"].final_eval_loss - reports["lora"].final_eval_loss) < QLORA_VS_LORA * fall["lora"]
 
 
 def _here_optimizers() -> list[str]:
