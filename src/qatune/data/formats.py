@@ -100,7 +100,7 @@ def check_columns(columns: list[str], fmt: str, source: SourceConfig, loc: Locat
 
 def to_conversation(fmt: str, record: dict[str, Any], source: SourceConfig, name: str, loc: Location) -> Conversation:
     """Convert one record; raises DataFormatError naming the field at fault."""
-    return record_formats()[fmt].convert(record, source, name, loc)
+    return plugins.load("format", fmt).convert(record, source, name, loc)
 
 
 def field_column(source: SourceConfig, field: str, present: Collection[str] = ()) -> str:
