@@ -9,11 +9,16 @@ whole batch to end.
 
 Rows of different lengths share one left-padded cache with an attention mask and explicit
 position ids, the layout `generate` uses for a padded batch, so each row is computed as if alone.
+Padding is only ever on the left of a row (joining pads on the left, leaving trims columns off the left
+of every row), so each row's tokens are contiguous columns: the sliding-window layers of Gemma 3 window
+by column, and then a row's window is the one it has alone. The cache keeps the full keys and values
+of every layer (a `DynamicCache` without a config) and the mask does the windowing.
 
 Prefix cache: the tokens every prompt of a model starts with (the chat template's system prompt
 and header, e.g. SmolLM's default system prompt: about 30 tokens) are run once per model; a prompt
-that starts with them, token for token, is prefilled from its first own token. On a CPU, where
-prefill is compute-bound, that removes most of the cost of admitting a short question.
+that starts with them, token for token, is prefilled from its first own token (or a few before it,
+see `_prefill_group`). On a CPU, where prefill is compute-bound, that removes most of the cost of
+admitting a short question.
 LoRA adapters are chosen per row (peft's mixed-adapter batches): every adapter is served on one
 shared base model.
 
@@ -104,21 +109,28 @@ class ContinuousBatcher(BatchLoop):
         return prefix if len(request.prompt_ids) > len(prefix) and request.prompt_ids[:len(prefix)] == prefix else []
 
     def _prefill_group(self, rows: list[Request], cached: int) -> None:
+        """Prefill `rows` from column `cached` on, the columns before it coming from the cached prefix.
+
+        Each row is its whole prompt left-padded to the group's width, so its tokens stay contiguous: a
+        sliding-window layer (Gemma 3) windows by column, and padding between the prefix and the rest of a prompt
+        would push the prefix out of that row's window too early. A shorter prompt's padding therefore comes
+        before its prefix, and the prefix tokens shifted into the prefilled columns are computed again, in
+        columns that would otherwise be padding."""
         import torch
         from transformers import DynamicCache
 
-        own = [r.prompt_ids[cached:] for r in rows]
-        longest = max(len(ids) for ids in own)
-        ids = torch.tensor([[self.pad_id] * (longest - len(i)) + i for i in own], device=self.device)
-        mask = torch.tensor([[1] * cached + [0] * (longest - len(i)) + [1] * len(i) for i in own], device=self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, cached:]
+        width = cached + max(len(r.prompt_ids) - cached for r in rows)
+        pads = [width - len(r.prompt_ids) for r in rows]
+        ids = torch.tensor([[self.pad_id] * p + r.prompt_ids for r, p in zip(rows, pads)], device=self.device)
+        mask = torch.tensor([[0] * p + [1] * len(r.prompt_ids) for r, p in zip(rows, pads)], device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        if cached:  # the prefix's keys and values, one row per request (each its own model's)
+        if cached:  # the prefix's keys and values, one row per request (each its own model's), shifted by its padding
             layers = [self._cached_prefix(r.adapter) for r in rows]
             for index in range(len(layers[0])):
-                cache.update(torch.cat([row[index][0] for row in layers]),
-                             torch.cat([row[index][1] for row in layers]), index)
-        logits = self._forward(ids, mask, positions, cache, rows)
+                cache.update(torch.cat([_shift(row[index][0], p) for row, p in zip(layers, pads)]),
+                             torch.cat([_shift(row[index][1], p) for row, p in zip(layers, pads)]), index)
+        logits = self._forward(ids[:, cached:], mask, positions[:, cached:], cache, rows)
         self._merge(rows, cache, mask)
         self._advance(rows, logits, offset=len(self._running) - len(rows))
 
@@ -227,3 +239,11 @@ class ContinuousBatcher(BatchLoop):
             for layer in self._cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
 
+
+def _shift(states: "torch.Tensor", padding: int) -> "torch.Tensor":
+    """A prefix's keys or values moved `padding` columns right, as that many padding columns in front of it: the
+    same width, the prefix tokens pushed past the end are the ones the row computes again."""
+    import torch.nn.functional as F
+
+    kept = max(states.shape[2] - padding, 0)
+    return F.pad(states[:, :, :kept], (0, 0, states.shape[2] - kept, 0))
