@@ -87,3 +87,33 @@ def test_prefix_cache_keeps_each_rows_window(gemma):
     assert together == expected
     assert list(batcher._prefix_cache) == [None]
     assert [bool(batcher._prefix_of(Request(p, Sampling(1), (), print))) for p in prompts] == [True] * 5 + [False] * 2
+
+
+def test_served_over_http_in_gemmas_template_and_stopping_at_end_of_turn(start_server, tiny_gemma_dir):
+    """`qatune serve` (hf engine) on the tiny Gemma: the prompt is Gemma's turn template, and the answer ends where
+    the model picks <end_of_turn> (here after four tokens), with "stop", not at the token limit, and equals the
+    model's own first four greedy tokens."""
+    import httpx
+
+    from qatune.infer.generation import prompt_ids
+    from tests.serve.conftest import serve_config
+    from tests.test_gemma_road import ending_its_turn_at
+
+    server = start_server(serve_config(tiny_gemma_dir, None, "serve.max_batch_size=2"))
+    model, tok = server.engine.batcher.model, server.engine.tokenizer
+    served = next(iter(server.engine.models.values()))
+    end_of_turn = tok.convert_tokens_to_ids("<end_of_turn>")
+    assert end_of_turn in served.stop_ids and tok.eos_token_id != end_of_turn
+    question = "什么是高血压？"
+    prompt = prompt_ids(tok, served.template.source, [{"role": "user", "content": question}])
+    assert tok.decode(prompt) == f"<bos><start_of_turn>user\n{question}<end_of_turn>\n<start_of_turn>model\n"
+    body = {"model": served.name, "messages": [{"role": "user", "content": question}], "max_tokens": 20,
+            "temperature": 0}
+    with ending_its_turn_at(model, len(prompt) + 4, end_of_turn):
+        reply = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    choice = reply["choices"][0]
+    assert choice["finish_reason"] == "stop" and reply["usage"]["prompt_tokens"] == len(prompt)
+    assert reply["usage"]["completion_tokens"] == 5  # four tokens and <end_of_turn>
+    first_four = generated_alone(model, prompt, 4)
+    assert choice["message"]["content"] == tok.decode(first_four, skip_special_tokens=True)
+    assert "<end_of_turn>" not in choice["message"]["content"]
