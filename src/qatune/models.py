@@ -142,6 +142,13 @@ def gemma_gguf_path() -> Path:
 EMBEDDED_MODELS = {DEFAULT_MODEL: default_gguf_path, GEMMA_MODEL: gemma_gguf_path}
 
 
+def embedded_models() -> dict[str, str]:
+    """Each embedded model's name (those of EMBEDDED_MODELS, `default` first) with a line saying what it is:
+    what the studio offers to pick."""
+    return {DEFAULT_MODEL: "SmolLM2-135M-Instruct: small, English-first, its own chat template",
+            GEMMA_MODEL: "google/gemma-3-270m: base model fluent in Chinese and English, Gemma's turn template"}
+
+
 def locate_model(cfg: ModelConfig) -> ModelLocation:
     """Resolve `model.name_or_path` without loading anything; clear error if it is nowhere."""
     name = cfg.name_or_path

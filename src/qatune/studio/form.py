@@ -19,6 +19,7 @@ from qatune.commands import command_line
 from qatune.config import QatuneConfig, load_config, type_name
 from qatune.config.schema import inner_model
 from qatune.errors import ConfigError
+from qatune.models import DEFAULT_MODEL, GEMMA_MODEL, embedded_models
 from qatune.studio.paths import PathRefused, Workspace
 
 FORM_SECTIONS = ("model", "method", "train", "data")
@@ -27,8 +28,10 @@ FORM_SECTIONS = ("model", "method", "train", "data")
 PICKED = {"data.sources", "data.eval_sources", "data.general_sources", "data.output_dir", "train.output_dir"}
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "LoRA on the default model": {"model.name_or_path": "default", "method.name": "lora",
+    "LoRA on the default model": {"model.name_or_path": DEFAULT_MODEL, "method.name": "lora",
                                   "train.num_epochs": 1},
+    "LoRA on gemma-3-270m (Chinese)": {"model.name_or_path": GEMMA_MODEL, "method.name": "lora",
+                                       "train.num_epochs": 1},
     "QLoRA 7B on a GPU": {"model.name_or_path": "Qwen/Qwen2.5-7B-Instruct", "method.name": "qlora",
                           "method.target_modules": "all-linear", "method.lora_dropout": 0.05,
                           "train.gradient_checkpointing": True, "train.per_device_batch_size": 4,
@@ -118,8 +121,8 @@ def _overrides(workspace: Workspace, run: str, sources: list[str], values: dict[
         raise PathRefused(f"run name {run!r}: use letters, digits, '-', '_' and '.' (up to 64)")
     for path in sources:
         workspace.resolve(path)
-    model = values.get("model.name_or_path", "default")
-    if model != "default":
+    model = values.get("model.name_or_path", DEFAULT_MODEL)
+    if model not in embedded_models():
         workspace.resolve(model)  # a folder in the workspace (a hub id resolves inside it too)
     args = [f"model.name_or_path={model}"] if "model.name_or_path" in values else []
     args += [f"data.sources={_shown(list(sources))}", f"data.output_dir=prepared/{run}", f"train.output_dir=runs/{run}"]

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from pydantic import BaseModel, Field
 
+from qatune.models import DEFAULT_MODEL, embedded_models
 from qatune.studio import form
 from qatune.studio.jobs import JobRunner
 from qatune.studio.paths import PathRefused, Workspace
@@ -25,7 +26,7 @@ PAGE_SETTINGS = {"eval": ("eval.decoding.", "eval.max_samples", "eval.batch_size
 class ModelJob(BaseModel):
     """A job on a run's model (evaluate, export, chat): the base model, the run, and the page's choices."""
 
-    base: str = "default"
+    base: str = DEFAULT_MODEL  # an embedded model's name, or a model folder in the workspace
     run: str
     data: str | None = None
     gguf: str | None = None
@@ -51,8 +52,8 @@ class StudioState:
         return self.path(f"runs/{run}")
 
     def model(self, model: str) -> str:
-        """The embedded default model, or a model folder in the workspace."""
-        return model if model == "default" else self.path(model)
+        """An embedded model's name as it is, or a model folder in the workspace."""
+        return model if model in embedded_models() else self.path(model)
 
     def start(self, kind: str, argv: list[str], output: str | None = None, **options: Any) -> dict[str, Any]:
         """Start `qatune ARGV` as a job of `kind` writing `output`; the job as the pages read it."""

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from qatune.commands import command_line
+from qatune.models import embedded_models
 from qatune.studio import form
 from qatune.studio.progress import curves, run_state
 from qatune.studio.state import Studio, StudioState
@@ -23,7 +24,8 @@ router = APIRouter()
 
 @router.get("/api/schema")
 async def schema(studio: Studio) -> dict[str, Any]:
-    return {"fields": form.schema_fields(), "presets": form.PRESETS, "workspace": str(studio.workspace.root)}
+    return {"fields": form.schema_fields(), "presets": form.PRESETS, "workspace": str(studio.workspace.root),
+            "models": [{"name": name, "description": line} for name, line in embedded_models().items()]}
 
 
 @router.post("/api/train/check")

@@ -36,7 +36,20 @@ function nav(here) {
     PAGES.map(([p, t]) => el("a", { href: "/" + p, class: p === here ? "here" : "", id: "nav-" + p }, t)),
     el("span", { class: "workspace", id: "workspace" }));
   document.body.prepend(bar);
-  api("/api/schema").then(s => { $("workspace").textContent = "workspace: " + s.workspace; }).catch(() => {});
+  schema().then(s => { $("workspace").textContent = "workspace: " + s.workspace; }).catch(() => {});
+}
+
+let schemaAsked;
+function schema() { return (schemaAsked ||= api("/api/schema")); }  // asked once per page
+
+// Offers the embedded models in a model box (a list to pick from); a model folder of the workspace can still be typed.
+async function offerModels(input) {
+  input.setAttribute("list", "embedded-models");
+  const { models } = await schema();
+  if (!$("embedded-models")) {
+    document.body.append(el("datalist", { id: "embedded-models" },
+      models.map(m => el("option", { value: m.name }, `${m.name}: ${m.description}`))));
+  }
 }
 
 function commandBox(text) {
@@ -80,6 +93,7 @@ async function modelPickers(root) {
   const base = el("input", { type: "text", id: "base", value: keep.get("model", "default"), size: 28 });
   const run = el("select", { id: "run" });
   base.addEventListener("change", () => keep.set("model", base.value));
+  offerModels(base);
   run.addEventListener("change", () => keep.set("run", run.value));
   root.append(el("label", {}, "Base model ", base), el("label", {}, "Run ", run),
     el("button", { type: "button", onclick: refresh }, "Refresh"));
