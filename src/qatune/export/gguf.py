@@ -1,12 +1,14 @@
 """GGUF for llama.cpp and Ollama, written with the `gguf` package's writer, and an Ollama Modelfile.
 
 The layout follows llama.cpp's own converter for the llama architecture (Llama, Llama 3.1's rope
-scaling as `rope_freqs`, Mistral), qwen2 (Qwen2/2.5, attention biases) and qwen3 (per-head q/k norms,
-a head size of its own): `blk.N.attn_q.weight`
-style names (the `gguf` package's tensor-name map), llama's query and key weights permuted to
-llama.cpp's rotary layout, 1-D tensors (norms, biases) in f32, the tied output matrix left out, and
-the byte-level BPE tokenizer (tokens, token types, merges, special ids, chat template) as metadata.
-A peft LoRA adapter becomes a llama.cpp LoRA adapter GGUF (`write_lora_gguf`).
+scaling as `rope_freqs`, Mistral), qwen2 (Qwen2/2.5, attention biases), qwen3 (per-head q/k norms,
+a head size of its own) and gemma3 (text-only Gemma 3, gemma-3-270m: its converter's Gemma3Model):
+`blk.N.attn_q.weight` style names (the `gguf` package's tensor-name map), llama's query and key
+weights permuted to llama.cpp's rotary layout, 1-D tensors (norms, biases) in f32, the tied output
+matrix left out, and the tokenizer as metadata: byte-level BPE (tokens, types, merges, special ids,
+chat template) as llama.cpp's `gpt2` vocabulary, Gemma's SentencePiece-style one as its `llama`
+vocabulary (scores and types). A peft LoRA adapter becomes a llama.cpp LoRA adapter GGUF
+(`write_lora_gguf`).
 """
 
 from __future__ import annotations
@@ -34,20 +36,24 @@ WRITER_TYPES = ("f32", "f16", "bf16", "q8_0")
 K_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")
 # Hugging Face model types written: llama.cpp architecture, and whether q/k rows are permuted into
 # llama.cpp's interleaved rotary layout (llama) or kept in the halves layout its qwen2 (NEOX) rope reads.
+# A multimodal Gemma 3 (`gemma3`, a vision tower beside its text model) is left to llama.cpp's converter,
+# which writes the vision projector as a file of its own.
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
-                 "qwen3": ("qwen3", False)}
+                 "qwen3": ("qwen3", False), "gemma3_text": ("gemma3", False)}
+WRITTEN = "Llama (3.x included), Mistral, Qwen2/2.5, Qwen3 and text-only Gemma 3 (gemma3_text)"
 
 
 def _arch_names() -> dict[str, Any]:
     import gguf
 
-    return {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}
+    return {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
+            "gemma3": gguf.MODEL_ARCH.GEMMA3}
 
 
 def write_gguf(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", tokenizer_dir: Path, path: Path,
                qtype: str, name: str, pre_tokenizer: str = "default") -> None:
-    """Write `model` (a plain Llama, Mistral, Qwen2 or Qwen3 model, or a peft model: its base weights) and its
-    tokenizer to `path`.
+    """Write `model` (a plain Llama, Mistral, Qwen2, Qwen3 or text-only Gemma 3 model, or a peft model: its base
+    weights) and its tokenizer to `path`.
 
     `qtype`: f32, f16, bf16 or q8_0 written here; q4_k_m, q5_k_m or q6_k through llama.cpp's quantizer
     from an f16 file written first beside `path` and deleted after (needs llama-cpp-python)."""
@@ -66,14 +72,18 @@ def write_gguf(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", t
 
     cfg = model.config
     if cfg.model_type not in ARCHITECTURES:
-        raise GGUFExportError(f"this GGUF writer writes Llama (3.x included), Mistral, Qwen2/2.5 and Qwen3 models; this one "
-                              f"is {cfg.model_type!r}", hint=converter_command(tokenizer_dir))
+        raise GGUFExportError(f"this GGUF writer writes {WRITTEN} models; this one is {cfg.model_type!r}",
+                              hint=converter_command(tokenizer_dir))
     arch, permuted = ARCHITECTURES[cfg.model_type]
-    rope = getattr(cfg, "rope_parameters", None) or {}
+    rope = _rope(cfg)
     rope_type = rope.get("rope_type", "default")
     if rope_type not in ("default", "llama3") or (rope_type == "llama3" and arch != "llama"):
         raise GGUFExportError(f"rope scaling {rope_type!r} is not written by this GGUF writer (it writes none, "
                               "and Llama 3.1's llama3)", hint=converter_command(tokenizer_dir))
+    problem = _gemma3_problem(cfg) if arch == "gemma3" else None
+    if problem:
+        raise GGUFExportError(f"this Gemma 3 cannot be written as llama.cpp's gemma3: {problem}",
+                              hint=converter_command(tokenizer_dir))
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -94,7 +104,11 @@ def write_gguf(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", t
     writer.add_value_length(head_dim)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(file_type)
-    _add_tokenizer(writer, tokenizer, tokenizer_dir, cfg.vocab_size, pre_tokenizer)
+    if arch == "gemma3":
+        _add_gemma3_keys(writer, cfg)
+        _add_sentencepiece_tokenizer(writer, tokenizer, tokenizer_dir, cfg.vocab_size)
+    else:
+        _add_tokenizer(writer, tokenizer, tokenizer_dir, cfg.vocab_size, pre_tokenizer)
 
     names = gguf.get_tensor_name_map(_arch_names()[arch], cfg.num_hidden_layers)
     if rope_type == "llama3":
@@ -108,6 +122,8 @@ def write_gguf(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", t
         if gguf_name is None:
             raise GGUFExportError(f"no GGUF name for the tensor {hf_name!r}")
         data = tensor.detach().float().cpu().numpy()
+        if arch == "gemma3" and hf_name.endswith("norm.weight"):
+            data = data + 1.0  # Gemma's RMSNorm scales by 1 + weight; llama.cpp's by the weight
         if permuted and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             data = _permute(data, n_head)
         elif permuted and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -117,6 +133,56 @@ def write_gguf(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", t
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _rope(cfg: Any) -> dict[str, Any]:
+    """The rope parameters of the global layers: Gemma 3 keeps one set per attention type (the sliding layers'
+    are `_gemma3_problem`'s and `_add_gemma3_keys`' business), the others one for every layer."""
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    return rope.get("full_attention", rope)
+
+
+def _swa_layers(cfg: Any) -> list[bool]:
+    """Which layers attend within the sliding window."""
+    return [kind == "sliding_attention" for kind in cfg.layer_types]
+
+
+def _gemma3_problem(cfg: Any) -> str | None:
+    """What in a Gemma 3 config llama.cpp's gemma3 would not compute as transformers does, or None."""
+    kinds = set(cfg.layer_types)
+    if not kinds <= {"sliding_attention", "full_attention"}:
+        return f"layer types {sorted(kinds)} (llama.cpp knows sliding_attention and full_attention)"
+    sliding_rope = (getattr(cfg, "rope_parameters", None) or {}).get("sliding_attention") or {}
+    if sliding_rope.get("rope_type", "default") != "default":
+        return f"rope scaling {sliding_rope['rope_type']!r} on the sliding-window layers (llama.cpp reads none there)"
+    if getattr(cfg, "attn_logit_softcapping", None):
+        return "attention logit soft-capping (llama.cpp's gemma3 computes none)"
+    if any(_swa_layers(cfg)) and not cfg.sliding_window:
+        return "sliding_attention layers without a sliding_window"
+    if getattr(cfg, "use_bidirectional_attention", False):
+        return "bidirectional attention (an embedding model: llama.cpp's gemma-embedding architecture)"
+    if cfg.hidden_activation != "gelu_pytorch_tanh":
+        return f"the activation {cfg.hidden_activation!r} (llama.cpp's gemma3 computes tanh-approximated GELU)"
+    # llama.cpp does not read the attention scale: 1/sqrt(head size), or 1/sqrt(width / heads) at 62 layers (27B).
+    assumed = cfg.hidden_size // cfg.num_attention_heads if cfg.num_hidden_layers == 62 else cfg.head_dim
+    if not math.isclose(cfg.query_pre_attn_scalar, assumed):
+        return (f"query_pre_attn_scalar {cfg.query_pre_attn_scalar} (llama.cpp scales the queries by 1/sqrt({assumed}) "
+                f"for a model of {cfg.num_hidden_layers} layers)")
+    return None
+
+
+def _add_gemma3_keys(writer: Any, cfg: Any) -> None:
+    """What llama.cpp's gemma3 reads beyond the common keys. Without a pattern key it makes every 6th layer global:
+    the pattern is written only where the layers differ from that (as the converter, which never writes it)."""
+    sliding_rope = (getattr(cfg, "rope_parameters", None) or {}).get("sliding_attention") or {}
+    writer.add_rope_freq_base_swa(float(sliding_rope.get("rope_theta", 10000.0)))
+    if cfg.final_logit_softcapping:
+        writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    swa = _swa_layers(cfg)
+    if any(swa):  # no window key: llama.cpp attends globally in every layer
+        writer.add_sliding_window(cfg.sliding_window)
+        if swa != [i % 6 < 5 for i in range(len(swa))]:
+            writer.add_sliding_window_pattern(swa)
 
 
 def _llama3_rope_factors(rope: dict[str, Any], head_dim: int) -> Any:
@@ -201,6 +267,66 @@ def _add_tokenizer(writer: Any, tokenizer: "PreTrainedTokenizerBase", tokenizer_
         writer.add_chat_template(tokenizer.chat_template)
 
 
+def _add_sentencepiece_tokenizer(writer: Any, tokenizer: "PreTrainedTokenizerBase", tokenizer_dir: Path,
+                                 vocab_size: int) -> None:
+    """Gemma's tokenizer (SentencePiece BPE with byte fallback, in tokenizer.json) as llama.cpp's `llama` vocabulary,
+    as its converter writes one from tokenizer.model: pieces by id with scores and types, added tokens scored -1000
+    as control (special) or user-defined (their spaces unescaped) tokens, no space prefix, specials and add_bos.
+
+    llama.cpp merges the adjacent pair whose joined piece scores highest; tokenizer.json keeps no scores but ranks
+    its merges, so a piece scores minus the rank of the first merge that makes it, and llama.cpp merges in the
+    order transformers does. <end_of_turn> needs no key: llama.cpp ends a turn at it by its text."""
+    import json
+
+    import gguf
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.model).__name__ != "BPE" or not getattr(backend.model, "byte_fallback", False):
+        raise GGUFExportError("a Gemma 3 GGUF is written with Gemma's SentencePiece-style tokenizer (BPE with byte "
+                              "fallback); this one is another kind", hint=converter_command(tokenizer_dir))
+    merges = json.loads(backend.to_str())["model"]["merges"]
+    first_merge: dict[str, int] = {}
+    for rank, pair in enumerate(merges):
+        left, right = pair if isinstance(pair, list) else pair.split(" ", 1)
+        first_merge.setdefault(left + right, rank)
+    by_id = {i: token for token, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, scores, types = [], [], []
+    for i in range(vocab_size):
+        token = by_id.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            scores.append(-10000.0)
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            control = added[i].special or _looks_special(token)
+            tokens.append(token if control else token.replace("\u2581", " "))
+            scores.append(-1000.0)
+            types.append(gguf.TokenType.CONTROL if control else gguf.TokenType.USER_DEFINED)
+        else:
+            byte = len(token) == 6 and token.startswith("<0x") and token.endswith(">")
+            tokens.append(token)
+            scores.append(0.0 if byte else -float(first_merge.get(token, len(merges))))
+            types.append(gguf.TokenType.BYTE if byte else gguf.TokenType.UNKNOWN if i == tokenizer.unk_token_id
+                         else gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(False)
+    special_vocab = gguf.SpecialVocab(tokenizer_dir, load_merges=False, n_vocab=vocab_size)
+    special_vocab.add_to_gguf(writer)  # bos/eos/unk/pad ids, add_bos (Gemma's post-processor adds <bos>)
+    if isinstance(tokenizer.chat_template, str) and not special_vocab.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _looks_special(token: str) -> bool:
+    """Added tokens llama.cpp's converter makes control tokens even where a model marks them not special."""
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<unused") and token.endswith(">")))
+
+
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -272,8 +398,7 @@ def lora_gguf_problem(settings: dict[str, Any], base_config: Any = None) -> str 
     if settings.get("peft_type") != "LORA":
         return f"it is a {settings.get('peft_type')} adapter (only LoRA has a GGUF form)"
     if base_config is not None and getattr(base_config, "model_type", None) not in ARCHITECTURES:
-        return (f"its base is a {getattr(base_config, 'model_type', None)!r} model (Llama, Mistral, Qwen2 and "
-                "Qwen3 are written)")
+        return f"its base is a {getattr(base_config, 'model_type', None)!r} model ({WRITTEN} are written)"
     for key, what in (("use_dora", "DoRA"), ("modules_to_save", "fully trained modules (modules_to_save)"),
                       ("alpha_pattern", "per-module alphas (alpha_pattern)"), ("lora_bias", "LoRA biases")):
         if settings.get(key):
