@@ -271,3 +271,46 @@ def test_the_embedded_gemma_written_by_qatune_answers_as_transformers(tmp_path, 
         with torch.no_grad():
             logits = model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1:-1]
         assert logits.argmax(-1).tolist() == answer
+
+
+@pytest.mark.slow
+def test_export_of_a_lora_on_the_embedded_gemma_is_checked_in_llama_cpp(tmp_path):
+    """`qatune export --gguf f16 --gguf-adapter` on gemma-3-270m with a LoRA: the merged f16 GGUF and the adapter
+    GGUF on the base GGUF answer the check questions in llama.cpp as the merged model does (token for token, or
+    apart only at a near tie), llama.cpp tokenizes the Gemma turn prompts as qatune does, and the file carries
+    the turn template."""
+    import io
+
+    from gguf import GGUFReader
+    from peft import LoraConfig, get_peft_model
+    from rich.console import Console
+
+    from qatune.config import ModelConfig, load_config
+    from qatune.export.run import export
+    from qatune.models import GEMMA_MODEL, load_model, load_tokenizer
+    from qatune.runtime import Runtime
+
+    gemma = ModelConfig(name_or_path=GEMMA_MODEL)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(load_model(gemma, torch.float32), LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():  # a trained adapter's size
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(0.05)
+    peft_model.save_pretrained(tmp_path / "lora")
+    load_tokenizer(gemma).save_pretrained(tmp_path / "lora")
+    config = load_config(None, [f"model={GEMMA_MODEL}", f"export.adapter={tmp_path / 'lora'}",
+                                f"export.output_dir={tmp_path / 'out'}", "export.gguf=f16", "export.gguf_adapter=true",
+                                "export.check_max_new_tokens=12"])
+    result = export(config, Runtime(device="cpu", console=Console(file=io.StringIO())))
+    checks = result.report.checks
+    for key in ("gguf", "gguf adapter"):
+        check = checks[key]
+        assert check["engine"] == "llama.cpp" and check["identical"] + check["near_ties"] == check["questions"] >= 2
+        assert all(a["llama_cpp_tokenizer_agrees"] for a in check["answers"])
+    out = result.output_dir
+    fields = GGUFReader(str(out / "model-f16.gguf")).fields
+    assert fields["general.architecture"].contents() == "gemma3"
+    assert "<start_of_turn>" in fields["tokenizer.chat_template"].contents()
+    assert 'PARAMETER stop "<end_of_turn>"' in (out / "Modelfile").read_text()
