@@ -4,6 +4,7 @@ random LoRA adapters (`alpha`, `beta`) on it, so answers are fast and adapters v
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -46,6 +47,27 @@ def serve_config(model_dir: Path, adapters: dict[str, Path] | None = None, *over
                               "serve.max_input_tokens=256", "serve.decoding.temperature=0",
                               # the tests send many bad requests from one address on purpose: no slowing down
                               "serve.abuse_refusals=0", *overrides])
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def server_log() -> Iterator[list[logging.LogRecord]]:
+    """Every record of qatune's and uvicorn's loggers (uvicorn's do not reach the root logger)."""
+    handler = Records()
+    loggers = [logging.getLogger(name) for name in ("qatune", "uvicorn", "uvicorn.error")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield handler.records
+    for logger in loggers:
+        logger.removeHandler(handler)
 
 
 def free_port() -> int:

@@ -122,27 +122,6 @@ def test_half_sent_requests_are_closed(keyed):
     sock.close()
 
 
-class Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@pytest.fixture
-def server_log():
-    """Every record of qatune's and uvicorn's loggers (uvicorn's do not reach the root logger)."""
-    handler = Records()
-    loggers = [logging.getLogger(name) for name in ("qatune", "uvicorn", "uvicorn.error")]
-    for logger in loggers:
-        logger.addHandler(handler)
-    yield handler.records
-    for logger in loggers:
-        logger.removeHandler(handler)
-
-
 def route_statuses(server, route: str) -> dict[str, float]:
     return {x.labels["status"]: x.value for m in server.app.state.service.metrics.registry.collect() for x in m.samples
             if x.name == "qatune_requests_total" and x.labels["route"] == route}

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qatune.serve.guard import error_body
+from qatune.text_input import printable
 
 RETRY_AFTER_S = 2  # what a busy server asks a client to wait (Retry-After)
 
@@ -27,6 +28,14 @@ def server_busy(why: str) -> ApiError:
                     headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
+def validation_problems(exc: RequestValidationError) -> tuple[str, str | None]:
+    """A refused request's message naming each field (five at most) and its first field. Never the input
+    itself: it may be huge, or hold a lone surrogate that no answer can encode (FastAPI's own handler echoes it)."""
+    fields = [printable(".".join(str(p) for p in e["loc"] if p != "body")) for e in exc.errors()]
+    problems = [f"{field or 'body'}: {printable(e['msg'])}" for field, e in zip(fields, exc.errors())]
+    return "invalid request: " + "; ".join(problems[:5]), fields[0] if fields and fields[0] else None
+
+
 def add_error_handlers(app: FastAPI) -> None:
     """ApiError, invalid bodies (422 naming the fields) and HTTP errors (404, 405) as OpenAI's error JSON.
     Unexpected exceptions are answered (500) and logged, throttled, by RequestGuard."""
@@ -37,10 +46,8 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()]
-        first = exc.errors()[0]["loc"] if exc.errors() else ()
-        return JSONResponse(error_body("invalid request: " + "; ".join(problems[:5]), "invalid_request_error",
-                                       ".".join(str(p) for p in first if p != "body") or None), 422)
+        message, field = validation_problems(exc)
+        return JSONResponse(error_body(message, "invalid_request_error", field), 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -1,10 +1,13 @@
-"""The request bodies of the API routes; unknown fields are ignored, as OpenAI clients send many."""
+"""The request bodies of the API routes; unknown fields are ignored, as OpenAI clients send many. Every string
+is `Text` or `Name` (`qatune.text_input`): invalid Unicode is a 422 naming the field, never a 500 in a tokenizer."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from qatune.text_input import Name, Text
 
 SEED_RANGE = (-2**63, 2**63 - 1)  # what torch.Generator.manual_seed and vLLM both take
 
@@ -15,12 +18,12 @@ class _Body(BaseModel):
 
 class TextPart(_Body):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart] | None = ""
+    content: Text | list[TextPart] | None = ""
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -31,12 +34,12 @@ class ChatMessage(_Body):
 class Decoding(_Body):
     """What a request may say about its answer; a request that says nothing gets serve.decoding."""
 
-    model: str | None = None
+    model: Name | None = None
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = Field(None, description="up to 4 non-empty strings")
+    stop: Text | list[Text] | None = Field(None, description="up to 4 non-empty strings")
     stream: bool = False
     n: int = Field(1, ge=1, le=1, description="one answer per request")
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
@@ -51,9 +54,9 @@ class ChatRequest(Decoding):
 
 
 class CompletionRequest(Decoding):
-    prompt: str
+    prompt: Text
 
 
 class AnswerRequest(_Body):
-    question: str = Field(min_length=1)
-    model: str | None = None
+    question: Text = Field(min_length=1)
+    model: Name | None = None

@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from qatune.errors import QatuneError
+from qatune.serve.api_errors import validation_problems
 from qatune.serve.guard import allowed_hosts, host_name
 from qatune.studio.jobs import JobConflict, JobRunner, NotFound
 from qatune.studio.paths import PathRefused, Workspace
@@ -49,6 +51,7 @@ def create_app(workspace: Workspace, token: str | None = None, host: str = "127.
     app.state.studio = studio
     app.middleware("http")(_guard(allowed_hosts(host, []), token))
     app.add_exception_handler(QatuneError, _qatune_error)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_api_route("/", _home, methods=["GET"], include_in_schema=False)
     for name in PAGES:
@@ -83,6 +86,12 @@ def _guard(hosts: set[str] | None, token: str | None) -> Any:
 
 async def _qatune_error(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": str(exc)}, STATUS_OF_ERROR.get(type(exc), 400))
+
+
+async def _invalid_request(_: Request, exc: Exception) -> JSONResponse:
+    """422 naming the fields, as the pages show any `error`; see `validation_problems` for why not FastAPI's own."""
+    message, field = validation_problems(exc)  # type: ignore[arg-type]
+    return JSONResponse({"error": message, "field": field}, 422)
 
 
 def _same(given: str, token: str) -> bool:

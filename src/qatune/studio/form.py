@@ -21,6 +21,7 @@ from qatune.config.schema import inner_model
 from qatune.errors import ConfigError
 from qatune.models import DEFAULT_MODEL, GEMMA_MODEL, embedded_models
 from qatune.studio.paths import PathRefused, Workspace
+from qatune.text_input import Name, Text
 
 FORM_SECTIONS = ("model", "method", "train", "data")
 # Lists of sources are chosen with the file picker; the prepared data's and the run's folders are
@@ -43,9 +44,9 @@ RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 class TrainForm(BaseModel):
     """The training form as a page sends it: the run's name, the data files picked, the fields changed."""
 
-    run: str
-    sources: list[str] = Field(default_factory=list)
-    values: dict[str, str] = Field(default_factory=dict)
+    run: Name
+    sources: list[Name] = Field(default_factory=list)
+    values: dict[Name, Text] = Field(default_factory=dict)
 
 
 def _widget(annotation: Any) -> tuple[str, list[Any]]:

@@ -16,6 +16,7 @@ from qatune.models import DEFAULT_MODEL, embedded_models
 from qatune.studio import form
 from qatune.studio.jobs import JobRunner
 from qatune.studio.paths import PathRefused, Workspace
+from qatune.text_input import Name, Text
 
 # Keys a page may add to a job's command besides its own flags: settings, never a path.
 PAGE_SETTINGS = {"eval": ("eval.decoding.", "eval.max_samples", "eval.batch_size", "eval.side_by_side", "model.dtype"),
@@ -26,13 +27,13 @@ PAGE_SETTINGS = {"eval": ("eval.decoding.", "eval.max_samples", "eval.batch_size
 class ModelJob(BaseModel):
     """A job on a run's model (evaluate, export, chat): the base model, the run, and the page's choices."""
 
-    base: str = DEFAULT_MODEL  # an embedded model's name, or a model folder in the workspace
-    run: str
-    data: str | None = None
-    gguf: str | None = None
-    quantize: str | None = None
+    base: Name = DEFAULT_MODEL  # an embedded model's name, or a model folder in the workspace
+    run: Name
+    data: Name | None = None
+    gguf: Name | None = None
+    quantize: Name | None = None
     force: bool = False
-    extra: list[str] = Field(default_factory=list)
+    extra: list[Text] = Field(default_factory=list)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from fastapi import APIRouter
 
 from qatune.commands import command_line
 from qatune.studio.state import ModelJob, Studio, page_settings
+from qatune.text_input import Name
 
 router = APIRouter()
 
@@ -31,7 +32,7 @@ async def chat(body: ModelJob, studio: Studio) -> dict[str, Any]:
 
 
 @router.get("/api/chat/{job_id}/ready")
-async def chat_ready(job_id: str, studio: Studio) -> dict[str, Any]:
+async def chat_ready(job_id: Name, studio: Studio) -> dict[str, Any]:
     job = studio.runner.get(job_id)
     return {"ready": job.state == "running" and await asyncio.to_thread(_answers, job.port), "job": job.as_dict()}
 

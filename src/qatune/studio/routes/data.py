@@ -13,6 +13,7 @@ from qatune.commands import command_line
 from qatune.studio import form
 from qatune.studio.jobs import NotFound
 from qatune.studio.state import Studio
+from qatune.text_input import Name
 
 # `qatune data check` prints `FILE, line N, field 'F': reason: detail` per problem.
 CHECK_LINE = re.compile(r"^(?P<file>.+?)(?:, (?:line|row) (?P<line>\d+))?(?:, field '(?P<field>[^']*)')?"
@@ -22,10 +23,10 @@ router = APIRouter()
 
 
 class CheckRequest(BaseModel):
-    path: str
-    format: str = "auto"
-    dataset: str | None = None
-    encoding: str = "utf-8"
+    path: Name
+    format: Name = "auto"
+    dataset: Name | None = None
+    encoding: Name = "utf-8"
 
 
 @router.post("/api/check")
@@ -36,7 +37,7 @@ async def check(body: CheckRequest, studio: Studio) -> dict[str, Any]:
 
 
 @router.get("/api/jobs/{job_id}/problems")
-async def problems(job_id: str, studio: Studio) -> dict[str, Any]:
+async def problems(job_id: Name, studio: Studio) -> dict[str, Any]:
     text, _ = studio.runner.log(job_id)
     return {"job": studio.runner.get(job_id).as_dict(), **check_problems(text)}
 
@@ -48,7 +49,7 @@ async def prepare(body: form.TrainForm, studio: Studio) -> dict[str, Any]:
 
 
 @router.get("/api/prepared/{run}")
-async def prepared(run: str, studio: Studio) -> dict[str, Any]:
+async def prepared(run: Name, studio: Studio) -> dict[str, Any]:
     report = studio.workspace.resolve(f"prepared/{run}") / "data_report.json"
     if not report.is_file():
         raise NotFound(f"run {run!r} has no prepared data yet")

@@ -10,12 +10,13 @@ from pydantic import BaseModel
 from qatune.commands import command_line
 from qatune.studio.paths import PathRefused
 from qatune.studio.state import ModelJob, Studio, page_settings
+from qatune.text_input import Name
 
 router = APIRouter()
 
 
 class SheetRequest(BaseModel):
-    sheet: str
+    sheet: Name
 
 
 @router.post("/api/eval")

@@ -12,6 +12,7 @@ from fastapi.responses import FileResponse
 from qatune.errors import QatuneError
 from qatune.studio.jobs import NotFound
 from qatune.studio.state import Studio
+from qatune.text_input import Name
 
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".txt", ".md")
 STUDIO_FOLDERS = (".studio", "runs", "prepared", "exports")  # what the studio writes: never listed as data
@@ -24,7 +25,7 @@ class UploadTooLarge(QatuneError):
 
 
 @router.get("/api/files")
-async def list_files(studio: Studio, under: str = ".") -> dict[str, Any]:
+async def list_files(studio: Studio, under: Name = ".") -> dict[str, Any]:
     root = studio.workspace.root
     folder = studio.workspace.resolve(under)
     found = []
@@ -40,7 +41,7 @@ async def list_files(studio: Studio, under: str = ".") -> dict[str, Any]:
 
 
 @router.put("/api/files/{relative:path}")
-async def upload(relative: str, request: Request, studio: Studio) -> dict[str, Any]:
+async def upload(relative: Name, request: Request, studio: Studio) -> dict[str, Any]:
     target = studio.workspace.resolve(relative)
     limit = studio.max_upload_bytes
     too_large = UploadTooLarge(f"the file is over the studio's upload limit ({limit} bytes)")
@@ -64,7 +65,7 @@ async def upload(relative: str, request: Request, studio: Studio) -> dict[str, A
 
 
 @router.get("/files/{relative:path}")
-async def download(relative: str, studio: Studio) -> FileResponse:
+async def download(relative: Name, studio: Studio) -> FileResponse:
     path = studio.workspace.resolve(relative)
     if not path.is_file():
         raise NotFound(f"no file {relative!r} in the workspace")
@@ -73,7 +74,7 @@ async def download(relative: str, studio: Studio) -> FileResponse:
 
 
 @router.get("/api/reports/{relative:path}")
-async def report(relative: str, studio: Studio) -> Any:
+async def report(relative: Name, studio: Studio) -> Any:
     path = studio.workspace.resolve(relative)
     if path.suffix != ".json" or not path.is_file():
         raise NotFound(f"no JSON report {relative!r} in the workspace")

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from qatune.studio.state import Studio
+from qatune.text_input import Name
 
 router = APIRouter()
 
@@ -17,11 +18,11 @@ async def jobs(studio: Studio) -> dict[str, Any]:
 
 
 @router.get("/api/jobs/{job_id}")
-async def job(job_id: str, studio: Studio, offset: int = 0) -> dict[str, Any]:
+async def job(job_id: Name, studio: Studio, offset: int = 0) -> dict[str, Any]:
     text, after = studio.runner.log(job_id, offset)
     return {**studio.runner.get(job_id).as_dict(), "log": text, "offset": after}
 
 
 @router.post("/api/jobs/{job_id}/stop")
-async def stop(job_id: str, studio: Studio) -> dict[str, Any]:
+async def stop(job_id: Name, studio: Studio) -> dict[str, Any]:
     return studio.runner.stop(job_id).as_dict()

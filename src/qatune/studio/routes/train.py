@@ -16,6 +16,7 @@ from qatune.models import embedded_models
 from qatune.studio import form
 from qatune.studio.progress import curves, run_state
 from qatune.studio.state import Studio, StudioState
+from qatune.text_input import Name
 
 TOTAL_STEPS = re.compile(r"^step \d+/(\d+)", re.M)
 
@@ -50,12 +51,12 @@ async def runs(studio: Studio) -> dict[str, Any]:
 
 
 @router.get("/api/runs/{run}")
-async def run(run: str, studio: Studio) -> dict[str, Any]:
+async def run(run: Name, studio: Studio) -> dict[str, Any]:
     return run_view(studio, run)
 
 
 @router.get("/api/runs/{run}/events")
-async def run_events(run: str, request: Request, studio: Studio) -> StreamingResponse:
+async def run_events(run: Name, request: Request, studio: Studio) -> StreamingResponse:
     studio.run_folder(run)
 
     async def stream() -> AsyncIterator[str]:
