@@ -51,6 +51,7 @@ GENERAL_SETS = [SHARED / "general_mcq" / "zh.jsonl", SHARED / "general_mcq" / "e
 def train_run(args: argparse.Namespace, model: str, out: Path, method: str, steps: int, learning_rate: float,
               *extra: str) -> dict:
     from qatune.config import load_config
+    from qatune.reports import report_json
     from qatune.train.run import train
 
     sources = json.dumps([{"path": str(p), "max_records": args.records} for p in TRAIN_SETS])
@@ -62,7 +63,7 @@ def train_run(args: argparse.Namespace, model: str, out: Path, method: str, step
         "train.eval_at_start=false", "train.preview_questions=0", "train.report_to=none", *extra,
     ])
     started = time.perf_counter()
-    report = train(config, quiet_runtime()).report
+    report = report_json(train(config, quiet_runtime()).report)  # the report as train_report.json holds it
     return {"seconds": round(time.perf_counter() - started, 1), "steps": report["global_step"],
             "final_train_loss": report.get("final_train_loss")}
 

@@ -57,6 +57,7 @@ def one(method: str, gc: bool, model: str, steps: int, folder: Path) -> dict:
     from rich.console import Console
 
     from qatune.config import load_config
+    from qatune.reports import report_json
     from qatune.runtime import Runtime
     from qatune.train.run import train
 
@@ -69,7 +70,7 @@ def one(method: str, gc: bool, model: str, steps: int, folder: Path) -> dict:
         "train.eval_at_start=false", "train.preview_questions=0", "train.report_to=none",
         "train.learning_rate=" + ("2e-5" if method in ("full", "freeze") else "2e-4"),
     ])
-    report = train(config, Runtime.detect(Console(file=io.StringIO()))).report
+    report = report_json(train(config, Runtime.detect(Console(file=io.StringIO()))).report)
     return {"rss": report["peak_memory_mib"]["process_rss"], "rss_before": before,
             "tokens_per_s": report["tokens_per_s"], "precision": report["precision"],
             "trainable": report["trainable_parameters"], "total": report["total_parameters"],

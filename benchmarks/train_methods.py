@@ -30,6 +30,7 @@ def run_once(method: str, args: argparse.Namespace, folder: Path) -> dict:
     from rich.console import Console
 
     from qatune.config import load_config
+    from qatune.reports import report_json
     from qatune.runtime import Runtime
     from qatune.train.run import train
 
@@ -42,7 +43,7 @@ def run_once(method: str, args: argparse.Namespace, folder: Path) -> dict:
         "train.preview_questions=0", "train.report_to=none",
         "train.learning_rate=" + ("2e-5" if method in ("full", "freeze") else "2e-4"),
     ])
-    report = train(config, Runtime.detect(Console(file=io.StringIO()))).report
+    report = report_json(train(config, Runtime.detect(Console(file=io.StringIO()))).report)
     return {"tokens_per_s": report["tokens_per_s"], "memory": report["peak_memory_mib"],
             "loss": report["final_train_loss"], "precision": report["precision"], "device": report["device"]}
 

@@ -56,6 +56,7 @@ BATCH, ACCUMULATION, LEARNING_RATE, BETA = 2, 2, 2e-4, 0.1
 
 def run_qatune(args: argparse.Namespace, out: Path, data: Path) -> dict:
     from qatune.config import load_config
+    from qatune.reports import report_json
     from qatune.train.run import train
 
     overrides = [
@@ -69,7 +70,7 @@ def run_qatune(args: argparse.Namespace, out: Path, data: Path) -> dict:
         f"method.lora_dropout={LORA['lora_dropout']}", f"method.target_modules=[{','.join(LORA['targets'])}]",
         *args.qatune,
     ]
-    report = train(load_config(None, overrides)).report
+    report = report_json(train(load_config(None, overrides)).report)  # the report as train_report.json holds it
     return {"tokens": report["tokens_seen"], "runtime": report["train_time_s"], "adapter": str(out / "run"),
             "samples": args.steps * BATCH * ACCUMULATION, "final_train_loss": report["final_train_loss"]}
 

@@ -3,9 +3,10 @@
     python benchmarks/train_throughput.py                          # CPU: 32 steps, 3 runs of each way
     python benchmarks/train_throughput.py --steps 8 --repeats 1    # a quick look
     python benchmarks/train_throughput.py --ways llamafactory qatune --qatune train.padding_free=false
+    python benchmarks/train_throughput.py --model gemma-3-270m --ways llamafactory qatune   # LLaMA-Factory's gemma3
 
-The job: the default model (SmolLM2-135M-Instruct), the first `--records` (512) pairs of the shared
-zh medical train set, max length 512, LoRA r16 / alpha 32 / dropout 0.05 on q/k/v/o, learning rate
+The job: the default model (SmolLM2-135M-Instruct; `--model gemma-3-270m` for the other embedded one),
+the first `--records` (512) pairs of the shared zh medical train set, max length 512, LoRA r16 / alpha 32 / dropout 0.05 on q/k/v/o, learning rate
 2e-4 with a cosine schedule and no warm-up, effective batch 16, `--steps` optimizer steps (32: one
 epoch), seed 42, the same precision for every way (bf16 where the hardware computes it, else fp32):
 
@@ -49,6 +50,9 @@ TRAIN = SHARED / "data" / "zh_medical_qa" / "train.jsonl"
 HELD_OUT = SHARED / "data" / "zh_medical_qa" / "test.jsonl"
 PEER = SHARED / "bench" / "llamafactory_peer.sh"
 WAYS = ("naive", "llamafactory", "qatune")
+# The embedded models (`--model`) and LLaMA-Factory's name for each one's chat template. Its `gemma3` is the same
+# turn format plus an image plugin that fails without an image processor (gemma-3-270m is text-only): `gemma`.
+LF_TEMPLATES = {"default": "smollm2", "gemma-3-270m": "gemma"}
 # The job every way runs: LLaMA-Factory's names on the left, as the peer script's YAML spells them.
 LORA = {"lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.05, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 BATCH, ACCUMULATION, LEARNING_RATE, SEED = 4, 4, 2e-4, 42
@@ -65,11 +69,12 @@ def run_qatune(args: argparse.Namespace, out: Path, data: Path) -> dict:
     from rich.console import Console
 
     from qatune.config import load_config
+    from qatune.reports import report_json
     from qatune.runtime import Runtime
     from qatune.train.run import train
 
     overrides = [
-        "model=default", f"data.sources=[{json.dumps(str(data))}]", f"data.max_length={args.max_length}",
+        f"model={args.model}", f"data.sources=[{json.dumps(str(data))}]", f"data.max_length={args.max_length}",
         "data.val_size=0", f"data.output_dir={out / 'data'}", f"train.output_dir={out / 'run'}",
         f"train.max_steps={args.steps}", f"train.learning_rate={LEARNING_RATE}", "train.lr_scheduler=cosine",
         "train.warmup_ratio=0", f"train.seed={SEED}", "train.eval_at_start=false", "train.preview_questions=0",
@@ -79,7 +84,7 @@ def run_qatune(args: argparse.Namespace, out: Path, data: Path) -> dict:
     ]
     config = load_config(None, overrides)
     log = io.StringIO()
-    report = train(config, Runtime.detect(Console(file=log, width=120))).report
+    report = report_json(train(config, Runtime.detect(Console(file=log, width=120))).report)
     batching = next((line for line in log.getvalue().splitlines() if line.startswith("Fast paths")), "")
     return {"tokens": report["tokens_seen"], "runtime": report["train_time_s"], "adapter": str(out / "run"),
             "samples": report["global_step"] * config.train.per_device_batch_size
@@ -101,8 +106,10 @@ def run_naive(args: argparse.Namespace, out: Path, data: Path) -> dict:
         default_data_collator,
     )
 
-    model_dir = default_model_folder()
+    model_dir = model_folder(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.chat_template is None:  # a base model (gemma-3-270m): the turn template qatune gives it
+        tokenizer.chat_template = qatune_tokenizer(args.model).chat_template
     rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": r["question"]},
                                             {"role": "assistant", "content": r["answer"]}], tokenize=False)
@@ -133,7 +140,8 @@ def run_naive(args: argparse.Namespace, out: Path, data: Path) -> dict:
 def run_llamafactory(args: argparse.Namespace, out: Path, data: Path) -> tuple[list[str], Callable[[], dict]]:
     """The peer script's command line, and how to read its result once it has run."""
     precision = job_precision()
-    command = peer_command(args.lf_venv, out, data, [f"max_steps={args.steps}", *args.llamafactory])
+    command = peer_command(args.lf_venv, args.model, out, data,
+                           [f"max_steps={args.steps}", f"template={LF_TEMPLATES[args.model]}", *args.llamafactory])
 
     def result() -> dict:
         metrics = json.loads((out / "run" / "all_results.json").read_text())
@@ -150,10 +158,10 @@ def run_llamafactory(args: argparse.Namespace, out: Path, data: Path) -> tuple[l
 # Shared pieces
 
 
-def peer_command(venv: Path, out: Path, data: Path, keys: list[str]) -> list[str]:
+def peer_command(venv: Path, model: str, out: Path, data: Path, keys: list[str]) -> list[str]:
     """The peer script's command line for a job on `data`, in qatune's precision, with YAML overrides `keys`."""
     precision = job_precision()
-    return ["bash", str(PEER), "train", str(venv), str(default_model_folder()), str(data), str(out),
+    return ["bash", str(PEER), "train", str(venv), str(model_folder(model)), str(data), str(out),
             "include_num_input_tokens_seen=non_padding", f"bf16={'true' if precision == 'bf16' else 'false'}",
             f"fp16={'true' if precision == 'fp16' else 'false'}", *([] if _cuda() else ["use_cpu=true"]), *keys]
 
@@ -179,12 +187,19 @@ def job_precision() -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[Runtime.detect().compute_dtype()]
 
 
-def default_model_folder() -> Path:
-    """The embedded default model as a plain Hugging Face folder (qatune converts its GGUF once)."""
+def model_folder(model: str) -> Path:
+    """An embedded model as a plain Hugging Face folder (qatune converts its GGUF once)."""
     from qatune.config import ModelConfig
     from qatune.models import gguf_as_hf_folder, locate_model
 
-    return gguf_as_hf_folder(locate_model(ModelConfig()), weights=True)
+    return gguf_as_hf_folder(locate_model(ModelConfig(name_or_path=model)), weights=True)
+
+
+def qatune_tokenizer(model: str):
+    from qatune.config import ModelConfig
+    from qatune.models import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name_or_path=model))
 
 
 class GpuMemorySampler:
@@ -220,7 +235,7 @@ def run_way(way: str, args: argparse.Namespace, out: Path, data: Path) -> dict:
         command, read_result = run_llamafactory(args, out, data)
     else:
         command = [sys.executable, __file__, "--run", way, "--out", str(out), "--data", str(data),
-                   "--steps", str(args.steps), "--max-length", str(args.max_length),
+                   "--steps", str(args.steps), "--max-length", str(args.max_length), "--model", args.model,
                    *[f"--qatune={kv}" for kv in args.qatune]]
         read_result = lambda: json.loads((out / "result.json").read_text())  # noqa: E731
     return measured_run(way, command, out, read_result)
@@ -253,7 +268,7 @@ class _Nothing:
         return None
 
 
-def eval_losses(adapters: list[str], records: int, max_length: int) -> list[float]:
+def eval_losses(model: str, adapters: list[str], records: int, max_length: int) -> list[float]:
     """Each adapter's loss on the held-out slice: answer tokens (+ end-of-turn) under the model's own template."""
     import torch
     import transformers
@@ -266,7 +281,7 @@ def eval_losses(adapters: list[str], records: int, max_length: int) -> list[floa
     from qatune.eval.sets import QAItem
     from qatune.models import attach_adapter, load_model, load_tokenizer
 
-    tokenizer = load_tokenizer(ModelConfig())
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=model))
     template = resolve_template(tokenizer, "auto")
     rows = [json.loads(line) for line in HELD_OUT.read_text(encoding="utf-8").splitlines()[:records]]
     items = [QAItem(str(i), Conversation([{"role": "user", "content": r["question"]},
@@ -276,8 +291,8 @@ def eval_losses(adapters: list[str], records: int, max_length: int) -> list[floa
     transformers.utils.logging.disable_progress_bar()  # one "Loading weights" bar per adapter says nothing
     losses = []
     for adapter in adapters:
-        model = attach_adapter(load_model(ModelConfig(), dtype=torch.float32), adapter, "default")
-        per_item = reference_losses(model, tokenizer, template, items, max_length, template.end_of_turn_id)
+        tuned = attach_adapter(load_model(ModelConfig(name_or_path=model), dtype=torch.float32), adapter, "default")
+        per_item = reference_losses(tuned, tokenizer, template, items, max_length, template.end_of_turn_id)
         losses.append(math.log(corpus_perplexity(per_item)))
     return losses
 
@@ -293,13 +308,13 @@ def hardware() -> str:
            f"torch {torch.__version__}"
 
 
-def flops_per_token(seq_len: float) -> float:
-    """LoRA training FLOPs per trained token of the default model: forward plus the backward pass's
+def flops_per_token(model: str, seq_len: float) -> float:
+    """LoRA training FLOPs per trained token of `model`: forward plus the backward pass's
     input gradients (frozen weights get none), 2 x 2 x (decoder parameters + vocabulary projection)
     + causal attention 2 x 2 x layers x seq_len x hidden; the adapters' own FLOPs (~1%) are left out."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(default_model_folder())
+    config = AutoConfig.from_pretrained(model_folder(model))
     hidden, layers = config.hidden_size, config.num_hidden_layers
     kv = config.num_key_value_heads * (hidden // config.num_attention_heads)
     per_layer = hidden * (2 * hidden + 2 * kv) + 3 * hidden * config.intermediate_size
@@ -312,6 +327,7 @@ def flops_per_token(seq_len: float) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS))
+    parser.add_argument("--model", choices=tuple(LF_TEMPLATES), default="default", help="the embedded model trained")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--records", type=int, default=512)
     parser.add_argument("--max-length", type=int, default=512)
@@ -347,7 +363,7 @@ def main() -> int:
         work.mkdir(parents=True, exist_ok=True)
         data.write_text("".join(TRAIN.read_text(encoding="utf-8").splitlines(keepends=True)[:args.records]),
                         encoding="utf-8")
-        default_model_folder()  # converted once, before anything is timed
+        model_folder(args.model)  # converted once, before anything is timed
         print(f"{hardware()}\n{args.records} records of {TRAIN.name} (zh medical), max length {args.max_length}, "
               f"effective batch {BATCH * ACCUMULATION}, {args.steps} steps, LoRA r{LORA['lora_rank']} on "
               f"{'/'.join(t[0] for t in LORA['targets'])}, precision {job_precision()}", flush=True)
@@ -364,7 +380,7 @@ def main() -> int:
         print(f"scoring {sum(len(r) for r in runs.values())} adapters on the first {args.eval_records} pairs of "
               f"{HELD_OUT.name}", flush=True)
         for way, results in runs.items():
-            for result, loss in zip(results, eval_losses([r["adapter"] for r in results], args.eval_records,
+            for result, loss in zip(results, eval_losses(args.model, [r["adapter"] for r in results], args.eval_records,
                                                          args.max_length)):
                 result["eval_loss"] = loss
         report(runs, args)
@@ -394,7 +410,7 @@ def report(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
         if peak:
             for way, results in runs.items():
                 per_sample = statistics.median(r["tokens"] / r["samples"] for r in results)
-                mfu = median(way, "tokens_per_s") * flops_per_token(per_sample) / (peak * 1e12)
+                mfu = median(way, "tokens_per_s") * flops_per_token(args.model, per_sample) / (peak * 1e12)
                 print(f"model FLOPs utilisation {way}: {100 * mfu:.1f}% of {peak:g} TFLOP/s")
     if "qatune" not in runs:
         return
