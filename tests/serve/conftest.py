@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 import pytest
 
 from qatune.config import load_config
+from tests.fuzzing import captured_logs
 
 
 @pytest.fixture(scope="session")
@@ -49,25 +50,11 @@ def serve_config(model_dir: Path, adapters: dict[str, Path] | None = None, *over
                               "serve.abuse_refusals=0", *overrides])
 
 
-class Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 @pytest.fixture
 def server_log() -> Iterator[list[logging.LogRecord]]:
-    """Every record of qatune's and uvicorn's loggers (uvicorn's do not reach the root logger)."""
-    handler = Records()
-    loggers = [logging.getLogger(name) for name in ("qatune", "uvicorn", "uvicorn.error")]
-    for logger in loggers:
-        logger.addHandler(handler)
-    yield handler.records
-    for logger in loggers:
-        logger.removeHandler(handler)
+    """Every record of qatune's and uvicorn's loggers during the test."""
+    with captured_logs() as records:
+        yield records
 
 
 def free_port() -> int:

@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
+from tests.fuzzing import HealthProbe
 from tests.serve.conftest import connect, head, leave_while_generating, pace_steps, serve_config
 
 QUESTION = [{"role": "user", "content": "What should I do when I have a fever?"}]
@@ -27,32 +28,6 @@ def status_of(sock: socket.socket) -> int:
         assert chunk, f"the server closed the connection without an answer ({data!r})"
         data += chunk
     return int(data.split(b" ")[1])
-
-
-class HealthProbe:
-    """Times /health every 20 ms in a thread, as a liveness probe would, while something else happens."""
-
-    def __init__(self, url: str) -> None:
-        self.url, self.times, self.stop = url, [], threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=10) as client:
-            while not self.stop.is_set():
-                started = time.perf_counter()
-                assert client.get(self.url + "/health").status_code == 200
-                self.times.append(time.perf_counter() - started)
-                time.sleep(0.02)
-
-    def __enter__(self) -> "HealthProbe":
-        self.thread.start()
-        time.sleep(0.1)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        time.sleep(0.1)
-        self.stop.set()
-        self.thread.join()
 
 
 def send_in_background(sock: socket.socket, total: int, chunked: bool) -> threading.Thread:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,7 @@ from tests.serve.conftest import free_port
 class RunningStudio:
     url: str
     workspace: Path
+    app: Any
 
 
 @pytest.fixture
@@ -30,8 +32,8 @@ def start_studio() -> Iterator:
 
     def start(workspace: Path, **options) -> RunningStudio:
         port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(Workspace(workspace), **options), host="127.0.0.1",
-                                               port=port, log_level="warning"))
+        app = create_app(Workspace(workspace), **options)
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         deadline = time.time() + 30
@@ -39,7 +41,7 @@ def start_studio() -> Iterator:
             assert time.time() < deadline and thread.is_alive(), "the studio did not start"
             time.sleep(0.05)
         running.append((server, thread))
-        return RunningStudio(f"http://127.0.0.1:{port}", Path(workspace).resolve())
+        return RunningStudio(f"http://127.0.0.1:{port}", Path(workspace).resolve(), app)
 
     yield start
     for server, thread in running:

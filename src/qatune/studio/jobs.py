@@ -64,8 +64,9 @@ class Job:
 class JobRunner:
     """Starts, lists, stops and reads the jobs of one workspace."""
 
-    def __init__(self, workspace: Workspace) -> None:
+    def __init__(self, workspace: Workspace, program: tuple[str, ...] = (sys.executable, "-m", "qatune")) -> None:
         self.workspace = workspace
+        self.program = program  # what runs a job's arguments; the fuzz tests stand a cheap process in for it
         self.folder = workspace.studio_dir / "jobs"
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -84,7 +85,7 @@ class JobRunner:
             folder.mkdir()
             with open(folder / "log.txt", "wb") as log:
                 child = subprocess.Popen(
-                    [sys.executable, "-m", "qatune", *args], cwd=self.workspace.root, stdin=subprocess.DEVNULL,
+                    [*self.program, *args], cwd=self.workspace.root, stdin=subprocess.DEVNULL,
                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                     # rich wraps tables at the terminal width: a wide, fixed one keeps log lines whole
                     env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "160", **(env or {})})
@@ -131,7 +132,10 @@ class JobRunner:
         """SIGINT, as Ctrl-C: `qatune train` finishes its step, saves a checkpoint and exits with 130."""
         job = self.get(job_id)
         if job.state == "running" and job.pid:
-            os.kill(job.pid, signal.SIGINT)
+            try:
+                os.kill(job.pid, signal.SIGINT)
+            except ProcessLookupError:  # it ended between the read of its record and the signal
+                return self.get(job_id)
         return job
 
     def log(self, job_id: str, offset: int = 0) -> tuple[str, int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 
 from qatune.studio.state import Studio
 from qatune.text_input import Name
@@ -18,7 +18,8 @@ async def jobs(studio: Studio) -> dict[str, Any]:
 
 
 @router.get("/api/jobs/{job_id}")
-async def job(job_id: Name, studio: Studio, offset: int = 0) -> dict[str, Any]:
+async def job(job_id: Name, studio: Studio,
+              offset: int = Query(0, ge=0, description="the byte of the log to read from")) -> dict[str, Any]:
     text, after = studio.runner.log(job_id, offset)
     return {**studio.runner.get(job_id).as_dict(), "log": text, "offset": after}
 
