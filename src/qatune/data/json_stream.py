@@ -25,6 +25,24 @@ from qatune.errors import DataFormatError, Location
 
 CHUNK = 1 << 20
 DECODER = json.JSONDecoder()
+TOO_DEEP = "nested deeper than the JSON parser goes"
+
+
+def raw_decode(text: str, start: int) -> tuple[Any, int]:
+    """DECODER.raw_decode, where nesting too deep for Python's recursive parser (a RecursionError, not a
+    ValueError) is a JSONDecodeError like any other malformed JSON."""
+    try:
+        return DECODER.raw_decode(text, start)
+    except RecursionError:
+        raise json.JSONDecodeError(TOO_DEEP, text, start) from None
+
+
+def loads(text: str) -> Any:
+    """json.loads of one JSONL line, too-deep nesting as a JSONDecodeError (see raw_decode)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError(TOO_DEEP, text, 0) from None
 # Inside brackets: everything up to the next bracket that opens a nested container or closes this one,
 # whole strings and innermost containers (no bracket inside) included. Possessive: nothing is
 # backtracked, so a failed try costs at most the characters up to where it failed.
@@ -162,7 +180,7 @@ class JsonRecords:
     def _record(self, index: int) -> tuple[int, Any]:
         start = self.pos
         try:
-            value, end = DECODER.raw_decode(self.buf, start)
+            value, end = raw_decode(self.buf, start)
         except json.JSONDecodeError as exc:
             if self.eof:
                 raise self._syntax_error(index, exc) from None
@@ -197,7 +215,7 @@ class JsonRecords:
             extent.shift(start)
             scan, start = scan - start, 0
         try:
-            value, end = DECODER.raw_decode(self.buf, start)
+            value, end = raw_decode(self.buf, start)
         except json.JSONDecodeError as exc:
             raise self._syntax_error(index, exc) from None
         return self._sized(value, index, start, end)
@@ -206,7 +224,7 @@ class JsonRecords:
         """A record over the cap: unless it is broken JSON, read on to its end without keeping it."""
         start, line = self.pos, self._line_at(self.pos)
         try:
-            DECODER.raw_decode(self.buf, start)
+            raw_decode(self.buf, start)
         except json.JSONDecodeError as exc:
             # What is buffered is cut short; any other error before its end is a real syntax error.
             cut_short = exc.pos >= len(self.buf) - 16 or (extent.in_string and exc.pos == extent.string_start)

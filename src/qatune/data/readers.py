@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from qatune.data.json_stream import CHUNK, JsonRecords, Oversized
+from qatune.data.json_stream import CHUNK, JsonRecords, Oversized, loads
 from qatune.errors import (
     DataError,
     DataFormatError,
@@ -173,7 +173,7 @@ def _read_jsonl(path: Path, encoding: str, cap: int) -> Iterator[RawRecord]:
                 yield RawRecord(loc, error=_too_large(loc, f"record {index}", size, cap))
                 continue
             try:
-                data = json.loads(line)
+                data = loads(line)
             except json.JSONDecodeError as exc:
                 yield RawRecord(loc, error=DataFormatError(f"malformed JSON: {exc.msg.removesuffix(' at')} at column {exc.colno}", loc))
                 continue
