@@ -12,7 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from qatune.config.data import SourceConfig
+from qatune.data.documents import read_documents
 from qatune.data.readers import read_records
+from qatune.data.registry import resolve_registry
 from qatune.errors import DataError
 
 SUFFIXES = [".jsonl", ".json", ".csv", ".tsv", ".txt", ".md", ".parquet"]
@@ -103,3 +106,32 @@ def test_jsonl_loses_no_record(tmp_path_factory, lines):
         assert not expected or "no records" in str(records[0]) or records[0].location.line, records[0]
         return
     assert [r.location.line for r in records] == expected
+
+
+def refused_naming(path, read) -> None:
+    """`read()` returns, or raises a DataError naming `path`; never another exception."""
+    try:
+        read()
+    except DataError as exc:
+        assert exc.location and exc.location.file == str(path), exc
+
+
+REGISTRY = json.dumps({"qa": {"file_name": "qa.jsonl", "columns": {"prompt": "question", "response": "answer"}}}).encode()
+
+
+@FAST
+@given(data=st.one_of(st.binary(max_size=300), st.integers(0, len(REGISTRY)).map(lambda n: REGISTRY[:n]),
+                      st.just(b"{" + b'"a": {' * 3000 + b"}" * 3001)))
+def test_a_damaged_dataset_info_json_is_a_data_error_naming_it(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("reg") / "dataset_info.json"
+    path.write_bytes(data)
+    refused_naming(path, lambda: resolve_registry(SourceConfig(path=str(path), dataset="qa")))
+
+
+@pytest.mark.parametrize("suffix", [".md", ".txt"])
+@FAST
+@given(data=st.one_of(st.binary(max_size=400), st.text(max_size=400).map(lambda t: t.encode("utf-8", "surrogatepass"))))
+def test_documents_read_or_fail_with_a_data_error_naming_the_file(tmp_path_factory, suffix, data):
+    path = tmp_path_factory.mktemp("doc") / f"notes{suffix}"
+    path.write_bytes(data)
+    refused_naming(path, lambda: read_documents(path, max_words=50))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from qatune.config import SharegptTags, SourceConfig
 from qatune.data.formats import record_formats
+from qatune.data.json_stream import loads
 from qatune.data.readers import REGISTRY_FILE
 from qatune.errors import DataError, Location
 
@@ -40,7 +41,7 @@ def resolve_registry(source: SourceConfig) -> list[SourceConfig]:
     """Expand `{path: registry, dataset: a,b}` into one plain SourceConfig per named dataset."""
     info_path = registry_path(source.path)
     try:
-        registry = json.loads(info_path.read_text(encoding="utf-8"))
+        registry = loads(info_path.read_text(encoding="utf-8"))  # too-deep nesting is malformed JSON too
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"not a readable JSON registry: {exc}", Location(str(info_path))) from None
     if not isinstance(registry, dict):
