@@ -206,6 +206,7 @@ def load_model(cfg: ModelConfig, dtype: "torch.dtype", **kwargs: Any) -> "PreTra
     plain safetensors read that supports quantization_config, save_pretrained and device_map.
     Extra keyword arguments (quantization_config, device_map, attn_implementation) go to
     `from_pretrained`."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     loc = locate_model(cfg)
@@ -220,6 +221,8 @@ def load_model(cfg: ModelConfig, dtype: "torch.dtype", **kwargs: Any) -> "PreTra
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the model '{loc.name}': {exc}", hint=_hub_hint(loc)) from exc
+    except SafetensorError as exc:
+        raise _damaged_weights(path, exc) from None
 
 
 def adapter_base(loc: ModelLocation) -> str | None:
@@ -256,6 +259,7 @@ def attach_adapter(model: "PreTrainedModel", adapter: str | Path, model_name: st
 
     On a model that already has adapters, it is loaded beside them (several adapters on one base)."""
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     config_file = Path(adapter) / ADAPTER_FILE
     if read_adapter(adapter) is None:
@@ -268,11 +272,21 @@ def attach_adapter(model: "PreTrainedModel", adapter: str | Path, model_name: st
                 model.load_adapter(str(adapter), adapter_name=name)
                 return model
             return PeftModel.from_pretrained(model, str(adapter), adapter_name=name)
+    except SafetensorError as exc:
+        raise _damaged_weights(adapter, exc) from None
     except (RuntimeError, ValueError, KeyError) as exc:  # size mismatches, a base without the target modules
         raise ModelLoadError(f"the adapter {adapter} does not fit the model {model_name}: "
                              f"{str(exc).splitlines()[0][:300]}",
                              hint=f"give the base model the adapter was trained on (see base_model_name_or_path "
                                   f"in {config_file})") from None
+
+
+def _damaged_weights(folder: str | Path, exc: Exception) -> ModelLoadError:
+    """A *.safetensors file cut short or overwritten (a copy that stopped, a full disk): safetensors' own error
+    names neither the folder nor a way out."""
+    return ModelLoadError(f"the weights in {folder} are damaged: a .safetensors file there is truncated or corrupted "
+                          f"({exc})", hint="copy or download the folder again, or run again the training or export "
+                                           "that wrote it")
 
 
 def _hub_hint(loc: ModelLocation) -> str | None:
