@@ -60,3 +60,29 @@ def test_a_damaged_adapter_names_the_folder(artefacts, tmp_path, name, cut):
     with pytest.raises(ModelLoadError) as raised:
         attach_adapter(model, folder, "model")
     assert str(folder) in str(raised.value) and raised.value.hint, raised.value
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory, tiny_model_dir, tokenizer) -> Path:
+    """The tiny random Llama as an f32 GGUF, written by qatune's writer."""
+    from transformers import AutoModelForCausalLM
+
+    from qatune.export.gguf import write_gguf
+
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_gguf(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, tiny_model_dir, path, "f32", "tiny")
+    return path
+
+
+@pytest.mark.parametrize("cut", [0, 100, 50_000, -4096, None], ids=["empty", "header", "metadata", "tensors",
+                                                                      "overwritten"])
+def test_a_damaged_gguf_names_the_file(gguf_file, tmp_path, monkeypatch, cut):
+    from qatune.models import load_tokenizer
+
+    monkeypatch.setenv("QATUNE_CACHE", str(tmp_path / "cache"))  # nothing converted from a damaged file is kept
+    data = gguf_file.read_bytes()
+    path = tmp_path / "damaged.gguf"
+    path.write_bytes(b"\xff" * 64 + data[64:] if cut is None else data[:cut])
+    with pytest.raises(ModelLoadError) as raised:
+        load_tokenizer(load_config(None, [f"model={path}"]).model)
+    assert str(path) in str(raised.value) and raised.value.hint, raised.value

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import struct
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -298,7 +299,19 @@ def gguf_as_hf_folder(loc: ModelLocation, weights: bool) -> Path:
     fp32 weights (model.safetensors, config.json) when `weights` is asked for.
 
     transformers rebuilds the tokenizer (~10 s) and dequantizes the weights (~10 s) on every GGUF
-    load and refuses `save_pretrained` on such a model; the folder makes both a one-time cost."""
+    load and refuses `save_pretrained` on such a model; the folder makes both a one-time cost.
+    A GGUF file cut short or overwritten is a ModelLoadError naming it: the GGUF readers fail on it with
+    struct.error or numpy's ValueError, naming neither the file nor a way out."""
+    try:
+        return _converted_gguf(loc, weights)
+    except (struct.error, ValueError, OSError, EOFError) as exc:
+        gguf = Path(loc.path) / loc.gguf_file if loc.gguf_file else Path(loc.path)
+        raise ModelLoadError(f"cannot read the GGUF file {gguf}: it is truncated or damaged ({exc})",
+                             hint="download or export it again (qatune export --gguf), and check the disk had room"
+                             ) from None
+
+
+def _converted_gguf(loc: ModelLocation, weights: bool) -> Path:
     target = converted_folder(loc)
     if not (target / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
