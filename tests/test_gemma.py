@@ -69,6 +69,24 @@ def test_gemma_gets_its_turn_template_and_stops_at_end_of_turn(gemma_tokenizer) 
     assert template.end_of_turn_id in stop_token_ids(gemma_tokenizer, template.end_of_turn_id)
 
 
+def test_answers_with_line_breaks_and_html_are_kept_and_only_turn_markers_dropped(gemma_tokenizer) -> None:
+    """Gemma's tokenizer adds `\n`, whitespace runs and HTML tags as non-special tokens: ordinary text, not
+    markup (before, 39 of 600 shared medical records were dropped as holding a control token)."""
+    from qatune.data.records import Conversation
+    from qatune.data.templates import control_token_in, control_tokens
+    from qatune.errors import Location
+
+    pattern = control_tokens(gemma_tokenizer)
+
+    def record(answer: str) -> Conversation:
+        return Conversation([{"role": "user", "content": "头疼怎么办？"}, {"role": "assistant", "content": answer}],
+                            "test", Location("test.jsonl", 1))
+
+    assert control_token_in(record("多休息。\n\n1. 喝水\n\t<b>必要时</b>就医"), pattern) is None
+    assert "<end_of_turn>" in control_token_in(record("多休息。<end_of_turn>"), pattern)
+    assert "<start_of_turn>" in control_token_in(record("<start_of_turn>user"), pattern)
+
+
 def test_a_packed_row_equals_each_sample_alone_with_sliding_window_layers(tiny_gemma_dir) -> None:
     # eager applies transformers' own sliding-window mask: the reference for each sample alone
     model = load_model(ModelConfig(name_or_path=str(tiny_gemma_dir)), dtype=torch.float32,

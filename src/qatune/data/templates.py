@@ -167,15 +167,18 @@ def pieces(conv: Conversation, tokenizer: "PreTrainedTokenizerBase", template: C
     return [(text, is_assistant) for text, is_assistant in out if text]
 
 
-def _control_tokens(tokenizer: "PreTrainedTokenizerBase") -> list[str]:
-    """The tokenizer's special and added tokens (`<|im_end|>`, `<|endoftext|>`...), longest first."""
-    tokens = set(tokenizer.all_special_tokens) | set(tokenizer.added_tokens_encoder)
+def _control_tokens(tokenizer: "PreTrainedTokenizerBase", special_only: bool = False) -> list[str]:
+    """The tokenizer's special and added tokens (`<|im_end|>`, `<|endoftext|>`...), longest first.
+    `special_only` leaves out added tokens marked not special: Gemma's are plain text pieces (`\n`, `<b>`,
+    whitespace runs) that ordinary answers hold."""
+    added = (t.content for t in tokenizer.added_tokens_decoder.values() if t.special or not special_only)
+    tokens = set(tokenizer.all_special_tokens) | set(added)
     return sorted((t for t in tokens if t), key=len, reverse=True)
 
 
 def control_tokens(tokenizer: "PreTrainedTokenizerBase") -> "re.Pattern[str]":
-    """A pattern matching any control token of the tokenizer."""
-    return re.compile("|".join(map(re.escape, _control_tokens(tokenizer))) or "(?!)")
+    """A pattern matching any control token of the tokenizer (its special tokens: what fakes markup)."""
+    return re.compile("|".join(map(re.escape, _control_tokens(tokenizer, special_only=True))) or "(?!)")
 
 
 def control_token_in(conv: Conversation, pattern: "re.Pattern[str]") -> str | None:
