@@ -191,3 +191,16 @@ def engine_config(engine: str, tiny_model_dir: Path, *overrides: str):
         pytest.importorskip("llama_cpp", reason="the llamacpp engine needs llama-cpp-python")
         return llamacpp_config(*overrides)
     return serve_config(tiny_model_dir, None, *overrides)
+
+
+@pytest.fixture
+def gguf_cache(tmp_path, monkeypatch) -> Path:
+    """A test's GGUF conversions go to a cache of their own (the embedded models' Hugging Face folders are shared)."""
+    from qatune.models import cache_dir
+
+    cache = tmp_path / "qatune-cache"
+    cache.mkdir()
+    (cache_dir() / "models").mkdir(parents=True, exist_ok=True)
+    (cache / "models").symlink_to(cache_dir() / "models", target_is_directory=True)
+    monkeypatch.setenv("QATUNE_CACHE", str(cache))
+    return cache / "gguf"

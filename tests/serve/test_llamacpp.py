@@ -186,19 +186,6 @@ def test_serve_engine_auto_is_the_default():
     assert load_config(None, []).serve.engine == "auto"
 
 
-@pytest.fixture
-def gguf_cache(tmp_path, monkeypatch):
-    """The test's conversions go to a cache of their own (the default model's Hugging Face folder is shared)."""
-    from qatune.models import cache_dir
-
-    cache = tmp_path / "qatune-cache"
-    cache.mkdir()
-    (cache_dir() / "models").mkdir(parents=True, exist_ok=True)
-    (cache / "models").symlink_to(cache_dir() / "models", target_is_directory=True)
-    monkeypatch.setenv("QATUNE_CACHE", str(cache))
-    return cache / "gguf"
-
-
 @pytest.mark.slow
 def test_a_hugging_face_model_and_its_adapters_are_served_each_on_its_own_gguf(gguf_cache, tiny_model_dir,
                                                                               lora_adapters, capsys):

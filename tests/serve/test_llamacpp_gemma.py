@@ -59,19 +59,6 @@ def gemma_dir(tmp_path_factory, gemma_tokenizer) -> Path:
     return folder
 
 
-@pytest.fixture
-def gguf_cache(tmp_path, monkeypatch) -> Path:
-    """The conversion goes to a cache of its own (the embedded models' Hugging Face folders are shared)."""
-    from qatune.models import cache_dir
-
-    cache = tmp_path / "qatune-cache"
-    cache.mkdir()
-    (cache_dir() / "models").mkdir(parents=True, exist_ok=True)
-    (cache / "models").symlink_to(cache_dir() / "models", target_is_directory=True)
-    monkeypatch.setenv("QATUNE_CACHE", str(cache))
-    return cache / "gguf"
-
-
 def _ask(server, question: str, max_tokens: int = 12) -> dict:
     response = httpx.post(f"{server.url}/v1/chat/completions", timeout=120, json={
         "model": server.engine.default_model, "messages": _messages(question), "max_tokens": max_tokens,

@@ -47,3 +47,21 @@ def start_studio() -> Iterator:
     for server, thread in running:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@pytest.fixture
+def recorded_jobs(tmp_path) -> tuple[Any, list]:
+    """A studio app whose runner records each job's command line instead of starting it: (app, jobs started)."""
+    from qatune.studio.jobs import Job, JobRunner
+
+    started: list[Job] = []
+
+    class Recorder(JobRunner):
+        def start(self, kind, args, output=None, port=None, env=None):
+            started.append(Job(f"job{len(started)}", kind, list(args), output, port=port))
+            return started[-1]
+
+    space = Workspace(tmp_path / "ws")
+    app = create_app(space)
+    app.state.studio.runner = Recorder(space)
+    return app, started

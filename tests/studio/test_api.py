@@ -218,25 +218,14 @@ def test_form_check_shows_every_problem_each_its_own_message(tmp_path, start_stu
     assert not verdict["ok"]
 
 
-def test_the_commands_the_studio_starts_parse_back_to_their_arguments(tmp_path):
+def test_the_commands_the_studio_starts_parse_back_to_their_arguments(recorded_jobs):
     """Every job the studio starts is a command line from the command table that the CLI's own parser
     reads back to the page's arguments."""
     from fastapi.testclient import TestClient
 
     from qatune.cli import parse_args
-    from qatune.studio.app import create_app
-    from qatune.studio.jobs import Job
 
-    started: list[Job] = []
-
-    class Recorder(JobRunner):
-        def start(self, kind, args, output=None, port=None, env=None):
-            started.append(Job(f"job{len(started)}", kind, list(args), output, port=port))
-            return started[-1]
-
-    space = Workspace(tmp_path / "ws")
-    app = create_app(space)
-    app.state.studio.runner = Recorder(space)
+    app, started = recorded_jobs
     form = {"run": "r1", "sources": ["data/qa.jsonl"], "values": {"train.max_steps": "3"}}
     model_job = {"base": "models/tiny", "run": "r1"}
     requests = [

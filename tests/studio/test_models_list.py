@@ -11,8 +11,6 @@ import pytest
 
 from qatune.config import load_config
 from qatune.models import EMBEDDED_MODELS, GEMMA_MODEL, embedded_models
-from qatune.studio.jobs import Job, JobRunner
-from qatune.studio.paths import Workspace
 from tests.serve.test_page import CHROMIUM_FLAGS
 
 
@@ -39,22 +37,12 @@ def test_the_schema_lists_them_and_a_run_picks_gemma(tmp_path, start_studio):
         assert client.post("/api/train/check", json=body).status_code == 403
 
 
-def test_jobs_on_a_run_take_an_embedded_base_by_its_name(tmp_path):
+def test_jobs_on_a_run_take_an_embedded_base_by_its_name(recorded_jobs):
     from fastapi.testclient import TestClient
 
     from qatune.cli import parse_args
-    from qatune.studio.app import create_app
 
-    started: list[Job] = []
-
-    class Recorder(JobRunner):
-        def start(self, kind, args, output=None, port=None, env=None):
-            started.append(Job(f"job{len(started)}", kind, list(args), output, port=port))
-            return started[-1]
-
-    space = Workspace(tmp_path / "ws")
-    app = create_app(space)
-    app.state.studio.runner = Recorder(space)
+    app, started = recorded_jobs
     job = {"base": GEMMA_MODEL, "run": "zh"}
     with TestClient(app, base_url="http://127.0.0.1") as client:
         for path, body in (("/api/eval", {**job, "data": "data/qa.jsonl"}), ("/api/export", job), ("/api/chat", job)):
